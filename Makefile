@@ -1,0 +1,30 @@
+# `make train` and `make test` first install whatever is missing into .venv (once; redone when
+# pyproject.toml changes). TORCH picks the torch wheel: the default is the CPU build this
+# template is tested with; on a GPU machine use `make install TORCH=torch`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: install train test lint clean-outputs
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,sweeps]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: install  ## train the default model on the embedded Shakespeare corpus (CPU, offline after first build)
+	$(PY) train.py $(ARGS)
+
+test: install  ## the test suite (what CI runs)
+	$(PY) -m pytest -q $(ARGS)
+
+lint: install
+	$(PY) -m ruff check src tests scripts train.py eval.py generate.py
+
+clean-outputs:
+	rm -rf outputs

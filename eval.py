@@ -1,0 +1,15 @@
+"""Entry point: see conf/eval.yaml (e.g. `python eval.py --help`)."""
+
+import hydra
+
+from spannorm.cli import evaluate, friendly_errors
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+@friendly_errors
+def main(cfg):
+    return evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

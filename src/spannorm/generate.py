@@ -1,0 +1,63 @@
+"""Autoregressive sampling from a TransformerLM, with or without a KV cache."""
+
+from __future__ import annotations
+
+import torch
+
+from spannorm.model.layers import KVCache
+from spannorm.model.transformer import TransformerLM
+
+
+def next_token(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Sample from softmax(logits / temperature) restricted to the top-k; temperature 0 = argmax."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits.float(), dim=-1), 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(
+    model: TransformerLM,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    kv_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Extend `idx` [B, T] by `max_new_tokens` sampled tokens.
+
+    With `kv_cache` each new token costs one position of compute (the context may not exceed
+    `max_seq_len`); without it the whole (cropped) context is recomputed every step.
+    """
+    limit = model.cfg.max_seq_len
+    if kv_cache and idx.shape[1] + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({idx.shape[1]} tokens) + max_new_tokens={max_new_tokens} exceeds "
+            f"model.max_seq_len={limit}; lower max_new_tokens or use kv_cache=false"
+        )
+    was_training = model.training
+    model.eval()
+    attentions = [block.attn for block in model.blocks]
+    try:
+        if kv_cache:
+            for attn in attentions:
+                attn.kv_cache = KVCache()
+        step_input = idx
+        for _ in range(max_new_tokens):
+            context = step_input if kv_cache else idx[:, -limit:]
+            logits = model(context)[:, -1, :]
+            token = next_token(logits, temperature, top_k, generator)
+            idx = torch.cat((idx, token), dim=1)
+            step_input = token
+    finally:
+        for attn in attentions:
+            attn.kv_cache = None
+        model.train(was_training)
+    return idx

@@ -1,0 +1,98 @@
+"""The LightningModule: composes the Transformer, the loss, AdamW and the warmup+cosine schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torchmetrics.aggregation import MeanMetric
+
+from spannorm.model import TransformerConfig, TransformerLM, get_placement
+
+DEFAULT_OPTIM = {
+    "lr": 1e-3,
+    "weight_decay": 0.1,
+    "betas": (0.9, 0.95),
+    "eps": 1e-8,
+    "warmup_steps": 100,
+    "min_lr_ratio": 0.1,
+}
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1 over `warmup_steps`, then cosine decay to `min_lr_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def model_config(model_options: dict[str, Any]) -> TransformerConfig:
+    """The TransformerConfig of a `model` config's options; raises a one-line error on bad ones."""
+    config = TransformerConfig.from_kwargs(**model_options)
+    get_placement(config.norm)
+    return config
+
+
+class LanguageModel(L.LightningModule):
+    """Next-token prediction with `TransformerLM`. Every keyword but `optim` is a model option
+    (`TransformerConfig`); `optim` holds lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio."""
+
+    def __init__(self, optim: dict | DictConfig | None = None, **model_options: Any) -> None:
+        super().__init__()
+        if isinstance(optim, DictConfig):
+            optim = OmegaConf.to_container(optim, resolve=True)
+        self.save_hyperparameters({"optim": optim or {}, **model_options})
+        self.optim = {**DEFAULT_OPTIM, **(optim or {})}
+        self.model = TransformerLM(model_config(model_options))
+        self.val_loss = MeanMetric()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        logits = self.model(x)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        aux = self.model.aux_loss()
+        if aux is not None:
+            self.log("train/aux_loss", aux)
+            return loss + aux
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self.val_loss.update(self.loss(batch), weight=batch[0].shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(loss))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
+    def configure_optimizers(self):
+        o = self.optim
+        optimizer = torch.optim.AdamW(
+            self.model.optimizer_groups(o["weight_decay"]),
+            lr=o["lr"],
+            betas=tuple(o["betas"]),
+            eps=o["eps"],
+        )
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(step, o["warmup_steps"], int(total), o["min_lr_ratio"]),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

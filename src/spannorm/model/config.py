@@ -1,0 +1,91 @@
+"""The model's configuration: every switch a norm-placement experiment turns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class TransformerConfig:
+    """Shape and wiring of a decoder-only Transformer LM.
+
+    `norm` picks the placement (see `spannorm.model.placements.PLACEMENTS`), `norm_type` the
+    normalization module, `init` the initialization ("default" = the placement's own).
+    """
+
+    vocab_size: int = 8192
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    max_seq_len: int = 1024
+    mlp: str = "swiglu"  # swiglu | gelu
+    mlp_ratio: float = 4.0  # hidden = ratio*d (gelu) or 2/3*ratio*d rounded to 8 (swiglu)
+    dropout: float = 0.0
+    bias: bool = False
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    # normalization placement
+    norm: str = "prenorm"
+    norm_type: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    init: str = "default"  # default | gpt2 | normal | xavier | deepnorm
+    init_std: float = 0.02
+    # SpanNorm switches (see docs/norms.md)
+    alpha: float | str = "sqrt2L"  # a number, sqrt2L, deepnorm, or 1
+    depth_scaled_init: bool = False
+    attn_in_sum: bool = False
+    spannorm_variant: str = "block"  # block | stream (inferred second reading)
+    # other placements' switches
+    mixln_ratio: float = 0.25
+    hybridnorm_star: bool = False
+    # feed-forward: dense MLP or Mixture-of-Experts
+    ffn: str = "dense"  # dense | moe
+    n_experts: int = 8
+    top_k: int = 2
+    moe_shared_expert: bool = False
+    moe_aux_loss_coef: float = 0.01
+    moe_bias_balance: bool = False
+    moe_bias_update_rate: float = 1e-3
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be a positive integer")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head size d_model/n_heads={self.head_dim} must be even for RoPE")
+        choices = {
+            "norm_type": ("layernorm", "rmsnorm"),
+            "mlp": ("swiglu", "gelu"),
+            "ffn": ("dense", "moe"),
+            "spannorm_variant": ("block", "stream"),
+            "init": ("default", "gpt2", "normal", "xavier", "deepnorm"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"model.{name}={getattr(self, name)!r} is not valid; choose one of: "
+                    + ", ".join(allowed)
+                )
+        if self.ffn == "moe" and not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(
+                f"model.top_k={self.top_k} must be between 1 and model.n_experts={self.n_experts}"
+            )
+        if not 0.0 <= self.mixln_ratio <= 1.0:
+            raise ValueError(f"model.mixln_ratio={self.mixln_ratio} must lie in [0, 1]")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> TransformerConfig:
+        """Build from a mapping, failing on keys the model does not know."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown model option(s) {unknown}; known: {sorted(known)}")
+        return cls(**kwargs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads

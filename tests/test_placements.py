@@ -1,0 +1,323 @@
+"""Each placement's wiring against its equation in the spec (docs/norms.md), written out here
+independently of spannorm.model.placements, plus init gains, final norms and a short training run.
+
+The block tests swap `attn` and `ffn` for fixed known maps and give every norm random gains (and
+biases), so a wrong sum, a missing scale or two swapped norms all change the output.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spannorm import PLACEMENTS, TransformerConfig, TransformerLM
+
+D_MODEL, N_LAYERS = 16, 4
+NORM_TYPES = ("layernorm", "rmsnorm")
+
+
+def build(norm: str, norm_type: str = "layernorm", **options) -> TransformerLM:
+    settings = dict(vocab_size=257, d_model=D_MODEL, n_layers=N_LAYERS, n_heads=2, norm=norm)
+    return TransformerLM(TransformerConfig(**{**settings, "norm_type": norm_type, **options}))
+
+
+class FixedMap(nn.Module):
+    """A known stand-in sublayer: x -> tanh(x W + c), W and c drawn once."""
+
+    def __init__(self, dim: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.weight = torch.randn(dim, dim, generator=generator) / math.sqrt(dim)
+        self.shift = torch.randn(dim, generator=generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ self.weight + self.shift)
+
+
+@torch.no_grad()
+def randomize_norms(model: nn.Module, generator: torch.Generator) -> None:
+    """Give every norm its own non-trivial gain (and bias), so no two norms act alike."""
+    for module in model.modules():
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            module.weight.copy_(1 + 0.5 * torch.randn(module.weight.shape, generator=generator))
+            if getattr(module, "bias", None) is not None:
+                module.bias.copy_(0.5 * torch.randn(module.bias.shape, generator=generator))
+
+
+# --- the spec's block equations: x the block input, A/F the sublayers, N the block's norms ----
+
+
+def prenorm(x, A, F, N, layer, cfg):
+    h = x + A(N[0](x))
+    return h + F(N[1](h))
+
+
+def postnorm(x, A, F, N, layer, cfg):
+    h = N[0](x + A(x))
+    return N[1](h + F(h))
+
+
+def spannorm(x, A, F, N, layer, cfg):
+    if cfg.spannorm_variant == "stream":
+        h = N[0](x + A(x))
+        z = N[1](h + F(h))
+        return x + z / math.sqrt(cfg.n_layers)
+    two_l = 2 * cfg.n_layers
+    alpha = {"sqrt2L": two_l**0.5, "deepnorm": two_l**0.25}.get(cfg.alpha, cfg.alpha)
+    a = A(N[2](x)) if layer == 0 else A(x)
+    y = N[0](x + a)
+    return N[1](alpha * x + F(y) + (a if cfg.attn_in_sum else 0))
+
+
+def deepnorm(x, A, F, N, layer, cfg):
+    alpha = (2 * cfg.n_layers) ** 0.25
+    h = N[0](alpha * x + A(x))
+    return N[1](alpha * h + F(h))
+
+
+def sandwich(x, A, F, N, layer, cfg):
+    n1_in, n1_out, n2_in, n2_out = N
+    h = x + n1_out(A(n1_in(x)))
+    return h + n2_out(F(n2_in(h)))
+
+
+def mixln_postnorm_blocks(cfg) -> int:
+    """floor(r * L) in exact arithmetic on the ratio as written."""
+    return math.floor(Fraction(str(cfg.mixln_ratio)) * cfg.n_layers)
+
+
+def mixln(x, A, F, N, layer, cfg):
+    rule = postnorm if layer < mixln_postnorm_blocks(cfg) else prenorm
+    return rule(x, A, F, N, layer, cfg)
+
+
+def hybridnorm(x, A, F, N, layer, cfg):
+    if cfg.hybridnorm_star and layer == 0:
+        return prenorm(x, A, F, N, layer, cfg)
+    h = x + A(x)
+    return N[0](h) + F(N[0](h))
+
+
+def b2t(x, A, F, N, layer, cfg):
+    y = N[0](x + A(x))
+    return N[1](x + y + F(y))
+
+
+def lns(x, A, F, N, layer, cfg):
+    scale = 1 / math.sqrt(layer + 1)
+    h = x + A(scale * N[0](x))
+    return h + F(scale * N[1](h))
+
+
+SPEC = {
+    rule.__name__: rule
+    for rule in (prenorm, postnorm, spannorm, deepnorm, sandwich, mixln, hybridnorm, b2t, lns)
+}
+
+
+def spec_norm_count(name: str, cfg: TransformerConfig, layer: int) -> int:
+    if name == "sandwich":
+        return 4
+    if name == "spannorm":
+        return 3 if cfg.spannorm_variant == "block" and layer == 0 else 2
+    if name == "hybridnorm":
+        return 2 if cfg.hybridnorm_star and layer == 0 else 1
+    return 2
+
+
+def spec_final_norm(name: str, cfg: TransformerConfig) -> bool:
+    if name == "spannorm":
+        return cfg.spannorm_variant == "stream"
+    return name in ("prenorm", "sandwich", "mixln", "hybridnorm", "lns")
+
+
+CASES = [
+    ("prenorm", {}),
+    ("postnorm", {}),
+    ("spannorm", {}),
+    ("spannorm", {"alpha": "deepnorm"}),
+    ("spannorm", {"alpha": 1}),
+    ("spannorm", {"alpha": 2.5}),
+    ("spannorm", {"attn_in_sum": True}),
+    ("spannorm", {"alpha": 1, "attn_in_sum": True}),
+    ("spannorm", {"spannorm_variant": "stream"}),
+    ("deepnorm", {}),
+    ("sandwich", {}),
+    ("mixln", {}),
+    ("mixln", {"mixln_ratio": 0.5}),
+    ("hybridnorm", {}),
+    ("hybridnorm", {"hybridnorm_star": True}),
+    ("b2t", {}),
+    ("lns", {}),
+]
+
+
+def test_every_registered_placement_has_a_spec_equation():
+    assert set(SPEC) == set(PLACEMENTS) == {name for name, _ in CASES}
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+@pytest.mark.parametrize(("name", "options"), CASES, ids=lambda v: str(v) if v else "default")
+def test_block_output_matches_spec_equation(name, options, norm_type):
+    generator = torch.Generator().manual_seed(0)
+    model = build(name, norm_type, **options)
+    randomize_norms(model, generator)
+    x = 3 * torch.randn(2, 5, D_MODEL, generator=generator) + 0.5
+    for layer, block in enumerate(model.blocks):
+        block.attn = FixedMap(D_MODEL, generator)
+        block.ffn = FixedMap(D_MODEL, generator)
+        assert len(block.norms) == spec_norm_count(name, model.cfg, layer), f"block {layer}"
+        expected = SPEC[name](x, block.attn, block.ffn, block.norms, layer, model.cfg)
+        with torch.no_grad():
+            torch.testing.assert_close(block(x), expected, msg=f"{name} block {layer}")
+
+
+@pytest.mark.parametrize("variant", ["block", "stream"])
+def test_spannorm_input_norm_is_the_third_norm_of_block_zero_only(variant):
+    model = build("spannorm", spannorm_variant=variant)
+    first, *later = model.blocks
+    assert first.input_norm is (first.norms[2] if variant == "block" else None)
+    assert all(block.input_norm is None for block in later)
+
+
+@pytest.mark.parametrize(
+    ("ratio", "n_layers", "n_postnorm"),
+    [
+        (0.0, 4, 0),
+        (0.25, 4, 1),
+        (0.49, 4, 1),
+        (0.5, 4, 2),
+        (0.75, 4, 3),
+        (1.0, 4, 4),
+        (0.7, 90, 63),
+    ],
+)
+def test_mixln_switches_from_postnorm_to_prenorm_at_floor_r_times_l(ratio, n_layers, n_postnorm):
+    model = build("mixln", n_layers=n_layers, mixln_ratio=ratio)
+    generator = torch.Generator().manual_seed(0)
+    randomize_norms(model, generator)
+    x = 2 * torch.randn(1, 3, D_MODEL, generator=generator) + 1
+    for layer, block in enumerate(model.blocks):
+        block.attn, block.ffn = FixedMap(D_MODEL, generator), FixedMap(D_MODEL, generator)
+        rule = postnorm if layer < n_postnorm else prenorm
+        expected = rule(x, block.attn, block.ffn, block.norms, layer, model.cfg)
+        with torch.no_grad():
+            torch.testing.assert_close(block(x), expected, msg=f"block {layer}")
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_hybridnorm_attention_normalizes_q_k_v_per_head(norm_type):
+    model = build("hybridnorm", norm_type)
+    randomize_norms(model, torch.Generator().manual_seed(0))
+    attn = model.blocks[1].attn
+    assert len(attn.qkv_norms) == 3
+    x = torch.randn(2, 5, D_MODEL)
+    batch, time, _ = x.shape
+    raw = attn.qkv(x).view(batch, time, 3, attn.n_heads, attn.head_dim).transpose(1, 3)
+    with torch.no_grad():
+        for got, norm, projected in zip(attn.heads(x), attn.qkv_norms, raw.unbind(2), strict=True):
+            torch.testing.assert_close(got, norm(projected))
+        calls = []
+        for norm in attn.qkv_norms:
+            norm.register_forward_hook(lambda module, args, out: calls.append(module))
+        model.blocks[1](x)
+    assert calls == list(attn.qkv_norms)
+    assert all(block.attn.qkv_norms is None for block in build("prenorm").blocks)
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+@pytest.mark.parametrize(("name", "options"), CASES, ids=lambda v: str(v) if v else "default")
+def test_final_norm_presence_and_use(name, options, norm_type):
+    model = build(name, norm_type, **options)
+    expected = spec_final_norm(name, model.cfg)
+    norm_class = nn.LayerNorm if norm_type == "layernorm" else nn.RMSNorm
+    assert isinstance(model.final_norm, norm_class) == expected
+    randomize_norms(model, torch.Generator().manual_seed(0))
+    idx = torch.randint(0, 257, (2, 6))
+    with torch.no_grad():
+        x = model.tok_emb(idx) * model.embed_scale
+        for block in model.blocks:
+            x = block(x)
+        torch.testing.assert_close(model(idx), model.head(model.final_norm(x) if expected else x))
+
+
+def test_unknown_placement_is_refused_with_the_valid_names():
+    with pytest.raises(ValueError) as error:
+        build("midnorm")
+    message = str(error.value)
+    assert "\n" not in message and "midnorm" in message
+    assert all(name in message for name in PLACEMENTS)
+
+
+def xavier_std(weight: torch.Tensor, gain: float = 1.0) -> float:
+    fan_out, fan_in = weight.shape
+    return gain * math.sqrt(2 / (fan_in + fan_out))
+
+
+def sublayer_matrices(block) -> dict[str, torch.Tensor]:
+    """W_q, W_k, W_v, W_o and the feed-forward matrices (SwiGLU's gate and up count as two)."""
+    q, k, v = block.attn.qkv.weight.chunk(3, dim=0)
+    gate, up = block.ffn.fc.weight.chunk(2, dim=0)
+    return {"q": q, "k": k, "v": v, "o": block.attn.proj.weight, "gate": gate, "up": up,
+            "down": block.ffn.proj.weight}  # fmt: skip
+
+
+def test_deepnorm_init_gains():
+    """W_q, W_k: xavier gain 1; W_v, W_o and the FFN matrices: gain (8L)^(-1/4)."""
+    torch.manual_seed(0)
+    model = build("deepnorm", d_model=64, n_layers=6)
+    beta = (8 * 6) ** -0.25
+    for block in model.blocks:
+        for role, weight in sublayer_matrices(block).items():
+            gain = 1.0 if role in ("q", "k") else beta
+            assert weight.std().item() == pytest.approx(xavier_std(weight, gain), rel=0.06), role
+
+
+@pytest.mark.parametrize(
+    ("init", "expected_std"),
+    [
+        ("xavier", lambda role, weight, L: xavier_std(weight)),
+        ("normal", lambda role, weight, L: 0.02),
+        (
+            "gpt2",
+            lambda role, weight, L: 0.02 / math.sqrt(2 * L) if role in ("o", "down") else 0.02,
+        ),
+    ],
+)
+def test_other_init_schemes_set_every_sublayer_matrix(init, expected_std):
+    torch.manual_seed(0)
+    model = build("prenorm", d_model=64, n_layers=6, init=init)
+    for block in model.blocks:
+        for role, weight in sublayer_matrices(block).items():
+            expected = expected_std(role, weight, 6)
+            assert weight.std().item() == pytest.approx(expected, rel=0.06), role
+
+
+def repeated_text_batches(seq_len: int, batch_size: int, steps: int) -> list[torch.Tensor]:
+    """Windows of a repeated sentence as byte ids: random offsets, fully learnable."""
+    text = ("the quick brown fox jumps over the lazy dog. " * 40).encode()
+    data = torch.tensor(list(text))
+    generator = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, len(data) - seq_len - 1, (steps, batch_size), generator=generator)
+    return [torch.stack([data[s : s + seq_len + 1] for s in row.tolist()]) for row in starts]
+
+
+@pytest.mark.parametrize("name", sorted(PLACEMENTS))
+def test_every_placement_trains_without_nan(name):
+    torch.manual_seed(0)
+    model = build(name, d_model=32, n_layers=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for batch in repeated_text_batches(seq_len=32, batch_size=8, steps=20):
+        logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(loss) for loss in losses), losses
+    assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
