@@ -2,7 +2,7 @@
 
 import hydra
 
-from spannorm.cli import evaluate, friendly_errors
+from spannorm.cli import friendly_errors, launch, evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
@@ -12,4 +12,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main()
+    launch(main)

@@ -1,7 +1,8 @@
 """Forward+backward time of the MoE feed-forward against the dense MLP at the same width.
 
 Each repeat times every variant once, in turn (interleaved, so drift in a shared machine's load
-hits all of them alike); the table reports the median per variant and its ratio to the dense MLP.
+hits all of them alike); the table reports the median time per variant and the median over repeats
+of its time divided by the dense MLP's time in the same repeat.
 Writes the table, the command and the machine to a markdown file (default docs/moe.md).
 
     .venv/bin/python scripts/benchmark_moe.py --machine "2-core shared CPU"
@@ -10,6 +11,7 @@ Writes the table, the command and the machine to a markdown file (default docs/m
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shlex
 import statistics
@@ -31,7 +33,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--machine", default=f"{platform.processor() or platform.machine()} CPU")
     parser.add_argument("--out", type=Path, default=Path("docs/moe.md"))
     return parser.parse_args()
@@ -66,17 +68,19 @@ def main() -> None:
     x = torch.randn(1, args.tokens, args.d_model, requires_grad=True)
     grad = torch.randn(1, args.tokens, args.d_model)
     times: dict[str, list[float]] = {name: [] for name in layers}
+    load_before = os.getloadavg()[0]
     for repeat in range(args.warmup + args.repeats):
         for name, layer in layers.items():
             seconds = forward_backward_seconds(layer, x, grad)
             if repeat >= args.warmup:
                 times[name].append(seconds)
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    dense = medians["dense MLP"]
+    load_after = os.getloadavg()[0]
+    dense = times["dense MLP"]
     rows = [
         f"| {name} | {sum(p.numel() for p in layers[name].parameters()) / 1e6:.2f} "
-        f"| {1e3 * seconds:.1f} | {seconds / dense:.2f} |"
-        for name, seconds in medians.items()
+        f"| {1e3 * statistics.median(values):.1f} "
+        f"| {statistics.median(t / d for t, d in zip(values, dense, strict=True)):.2f} |"
+        for name, values in times.items()
     ]
     command = "python scripts/benchmark_moe.py " + shlex.join(sys.argv[1:])
     report = "\n".join(
@@ -87,7 +91,7 @@ def main() -> None:
             f"d_model={args.d_model}, {args.tokens} tokens, SwiGLU experts of the dense MLP's "
             "width. Forward+backward time per layer, median of "
             f"{args.repeats} interleaved repeats after {args.warmup} warm-up rounds, "
-            f"{args.threads} threads, torch {torch.__version__}.",
+            f"torch.set_num_threads({args.threads}), torch {torch.__version__}.",
             "",
             "The MoE dispatches droplessly: tokens are sorted by expert and each expert multiplies "
             "its contiguous slice, so top-k costs about k dense MLPs plus routing and gather/scatter "
@@ -95,11 +99,13 @@ def main() -> None:
             f"{args.experts}x the dense MLP). The MoE timings include the router, the auxiliary "
             "load-balance loss and the load statistics.",
             "",
-            f"Machine: {args.machine}.",
+            f"Machine: {args.machine}; 1-minute load average {load_before:.1f} before and "
+            f"{load_after:.1f} after the run (other jobs inflate the absolute times more than "
+            "the paired ratios).",
             "",
             f"Command: `{command}`",
             "",
-            "| layer | params (M) | fwd+bwd (ms) | vs dense |",
+            "| layer | params (M) | fwd+bwd (ms) | time / dense |",
             "|---|---:|---:|---:|",
             *rows,
             "",

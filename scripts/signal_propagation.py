@@ -108,7 +108,7 @@ def write_summary(cfg: DictConfig, results: dict, idx: torch.Tensor, path: Path)
 def plot_metric(cfg: DictConfig, results: dict, metric: str, path: Path) -> None:
     title, log_y = METRICS[metric]
     depths = list(cfg.depths)
-    fig = Figure(figsize=(5 * len(depths), 4), layout="tight")
+    fig = Figure(figsize=(4.5 * len(depths) + 1.5, 4), layout="constrained")
     axes = fig.subplots(1, len(depths), squeeze=False)
     colors = {name: colormaps["tab10"](i % 10) for i, name in enumerate(cfg.placements)}
     for ax, depth in zip(axes[0], depths, strict=True):
@@ -126,7 +126,7 @@ def plot_metric(cfg: DictConfig, results: dict, metric: str, path: Path) -> None
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(metric)
-    axes[0][-1].legend(fontsize=8, loc="best")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
     fig.suptitle(f"{title} at init (d_model={cfg.model.d_model})")
     fig.savefig(path, dpi=110)
 

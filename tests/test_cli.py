@@ -42,7 +42,7 @@ def test_every_config_group_composes_and_instantiates(tiny_corpus, tmp_path):
     assert instantiate(cfg.logger).log_dir
     assert all(instantiate(c) for c in cfg.callbacks.values() if c is not None)
     for experiment in group_options("experiment"):
-        assert compose_train([*base, f"+experiment={experiment}"]).model.n_layers > 0
+        assert compose_train([*base, f"experiment={experiment}"]).model.n_layers > 0
 
 
 @pytest.fixture(scope="module")

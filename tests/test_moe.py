@@ -52,6 +52,17 @@ def test_routing_picks_top_k_distinct_highest_experts_with_gates_summing_to_one(
     torch.testing.assert_close(gates, chosen_probs / chosen_probs.sum(dim=1, keepdim=True))
 
 
+def test_top_1_gate_is_the_raw_probability_so_the_router_learns_from_the_loss():
+    moe = make_moe(n_experts=4, top_k=1)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    probs, chosen, gates = moe.route(x.reshape(-1, 16))
+    torch.testing.assert_close(gates, probs.gather(1, chosen))
+    assert (gates < 1).all()
+    moe.eval()  # no aux loss: any router gradient comes through the gates
+    moe(x).square().sum().backward()
+    assert moe.router_weight.grad.abs().sum() > 0
+
+
 def test_expert_hidden_size_follows_the_dense_mlp_rule():
     for mlp in ("swiglu", "gelu"):
         cfg = moe_config(mlp=mlp, d_model=40, mlp_ratio=3.0)

@@ -5,15 +5,21 @@ from __future__ import annotations
 import functools
 import os
 import secrets
+import shlex
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.errors import CompactHydraException, InstantiationException, MissingConfigException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 from rich.console import Console
+
+from spannorm.callbacks import TrainingDiverged
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -41,22 +47,55 @@ class UsageError(Exception):
 
 
 def friendly_errors(main):
-    """Turn bad-input exceptions into `error: <message>` and exit 2; `debug=true` re-raises."""
+    """Turn bad-input exceptions into `error: <message>` and exit 2 (a diverged run: exit 3);
+    `debug=true` re-raises."""
 
     @functools.wraps(main)
     def wrapper(cfg: DictConfig):
         try:
             return main(cfg)
-        except (UsageError, ValueError, FileNotFoundError, KeyError, InstantiationException) as error:
+        except (
+            UsageError,
+            ValueError,
+            FileNotFoundError,
+            KeyError,
+            InstantiationException,
+            MissingMandatoryValue,
+            TrainingDiverged,
+        ) as error:
             if cfg.get("debug", False):
                 raise
             while isinstance(error, InstantiationException) and error.__cause__ is not None:
                 error = error.__cause__  # Hydra wraps the constructor's own error
-            message = error.args[0] if error.args else repr(error)
-            print(f"error: {message}", file=sys.stderr)
-            sys.exit(2)
+            message = str(error.args[0]) if error.args else repr(error)
+            print(f"error: {message.splitlines()[0]}", file=sys.stderr)  # omegaconf adds details
+            sys.exit(3 if isinstance(error, TrainingDiverged) else 2)
 
     return wrapper
+
+
+def launch(hydra_main: Callable[[], Any]) -> None:
+    """Run a `@hydra.main` entry point. A config Hydra cannot compose (an unknown group option
+    such as `data=nope`, a malformed override) fails with one `error:` line and exit status 2;
+    `debug=true` or HYDRA_FULL_ERROR=1 shows Hydra's full report instead."""
+    full_report = os.environ.get("HYDRA_FULL_ERROR") == "1" or "debug=true" in sys.argv[1:]
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises what it cannot compose
+    try:
+        hydra_main()
+    except CompactHydraException as error:
+        if full_report:
+            raise
+        print(f"error: {_composition_error(error)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _composition_error(error: CompactHydraException) -> str:
+    if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
+        group, _, name = error.missing_cfg_file.rpartition("/")
+        article = "an" if group[0] in "aeiou" else "a"
+        choices = ", ".join(error.options)
+        return f"{group}={name!r} is not {article} {group} config; choose one of: {choices}"
+    return " ".join(str(error).strip().split("\n\n")[0].split())  # its first paragraph
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -64,22 +103,6 @@ def output_dir(cfg: DictConfig) -> Path:
     if cfg.get("run_dir"):
         return Path(cfg.run_dir)
     return Path(HydraConfig.get().runtime.output_dir)
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint file, or the newest `last.ckpt` of a run directory."""
-    path = Path(path)
-    if path.is_dir():
-        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
-            if candidate.is_file():
-                return candidate
-        raise FileNotFoundError(
-            f"ckpt_path={str(path)!r} is a directory without checkpoints/last.ckpt; "
-            "pass a run directory or a .ckpt file"
-        )
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={str(path)!r} does not exist; pass a run directory or a .ckpt file")
-    return path
 
 
 def run_config_of(checkpoint: Path) -> DictConfig:
@@ -92,35 +115,99 @@ def run_config_of(checkpoint: Path) -> DictConfig:
 
 
 def build_datamodule(data_cfg: DictConfig):
-    datamodule = instantiate(data_cfg)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    return prepare_data(instantiate(data_cfg))
+
+
+def prepare_data(datamodule):
+    """Build (or load from the cache) the datamodule's corpus, tokenizer and tokens; a source that
+    cannot be reached (the corpus download, the hub) is reported as a one-line UsageError."""
+    try:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+    except (RuntimeError, ConnectionError) as error:
+        raise UsageError(error.args[0] if error.args else repr(error)) from error
     return datamodule
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Fail at once, in one line, on options that would otherwise fail only once the data or the
+    model is built: the model options (TransformerConfig's checks), data sizes, sequence length."""
+    from spannorm.lm import TRAINING_OPTIONS, model_config
+
+    model_options = OmegaConf.to_container(cfg.model, resolve=True)
+    model_config(
+        {k: v for k, v in model_options.items() if k not in ("_target_", *TRAINING_OPTIONS)}
+    )
+    for key in ("seq_len", "batch_size", "vocab_size"):
+        if cfg.data[key] <= 0:
+            raise UsageError(f"data.{key}={cfg.data[key]} must be a positive integer")
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise UsageError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}, "
+            "the longest sequence the model takes; lower data.seq_len or raise model.max_seq_len"
+        )
+
+
+def checkpoint_to_resume(resume: str | None, run_dir: Path) -> Path | None:
+    """The verified checkpoint that `resume=` names: null starts fresh; `auto` takes the newest
+    checkpoint of this run's directory (none yet: start fresh, with a notice); else a run directory
+    or a checkpoint."""
+    from spannorm.checkpointing import newest_checkpoint, resolve_checkpoint
+
+    if resume is None:
+        return None
+    if resume == "auto":
+        resume = newest_checkpoint(run_dir)
+        if resume is None:
+            console.print(f"resume=auto: no checkpoint in {run_dir} yet; starting fresh")
+            return None
+    return resolve_checkpoint(resume, "resume")
+
+
+def exit_after_stop(stopper, step: int, run_dir: Path) -> NoReturn:
+    """Report a run stopped by a signal and how to continue it; exit with 128 + the signal."""
+    stop_signal = stopper.stop_signal or signal.SIGTERM
+    kept = f"{stopper.saved} holds step {stopper.saved_step}" if stopper.saved else "no checkpoint"
+    overrides = [
+        override
+        for override in HydraConfig.get().overrides.task
+        if not override.startswith(("resume=", "hydra.run.dir="))
+    ]
+    command = ["python", sys.argv[0], *overrides, f"hydra.run.dir={run_dir}", "resume=auto"]
+    console.print(f"\nstopped by {stop_signal.name} at step {step}; {kept}")
+    console.print(f"continue with: {shlex.join(command)}")
+    sys.exit(128 + stop_signal)
 
 
 def train(cfg: DictConfig) -> float:
     """Fit the model on the data; return the final validation loss."""
     import lightning as L
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from spannorm.lm import model_config
+    from spannorm.checkpointing import LastCheckpoint
 
-    model_options = OmegaConf.to_container(cfg.model, resolve=True)
-    model_config({k: v for k, v in model_options.items() if k not in ("_target_", "optim")})
+    check_train_config(cfg)
+    datamodule = instantiate(cfg.data)  # checks the data options; builds nothing yet
     L.seed_everything(cfg.seed, workers=True)
+    stopper = LastCheckpoint(cfg.checkpoint_every_n_steps)
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer = instantiate(cfg.trainer, callbacks=[*callbacks, stopper], logger=logger)
     run_dir = output_dir(cfg)
-    datamodule = build_datamodule(cfg.data)
+    resume = checkpoint_to_resume(cfg.resume, run_dir)
+    prepare_data(datamodule)
     if datamodule.vocab_size > cfg.model.vocab_size:
         raise UsageError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
             f"{datamodule.vocab_size} ids; raise model.vocab_size"
         )
     lm = instantiate(cfg.model)
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(lm, datamodule=datamodule, ckpt_path=cfg.get("resume"))
+    try:
+        trainer.fit(lm, datamodule=datamodule, ckpt_path=resume)
+    except SIGTERMException:
+        exit_after_stop(stopper, trainer.global_step, run_dir)
     val_loss = float(trainer.callback_metrics.get("val/loss", float("nan")))
     baseline = datamodule.unigram_baseline()
     if trainer.is_global_zero:
@@ -138,6 +225,7 @@ def train(cfg: DictConfig) -> float:
 
 def load_model(ckpt_path: str):
     """The LanguageModel of a checkpoint, rebuilt from the hyperparameters saved in it."""
+    from spannorm.checkpointing import resolve_checkpoint
     from spannorm.lm import LanguageModel
 
     checkpoint = resolve_checkpoint(ckpt_path)

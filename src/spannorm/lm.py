@@ -12,6 +12,15 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics.aggregation import MeanMetric
 
 from spannorm.model import TransformerConfig, TransformerLM, get_placement
+from spannorm.parallel import (
+    apply_activation_checkpointing,
+    apply_compile,
+    apply_fsdp,
+    fsdp_mixed_precision,
+)
+
+# The keywords of LanguageModel itself; every other keyword is a TransformerConfig field.
+TRAINING_OPTIONS = ("optim", "compile", "activation_checkpointing")
 
 DEFAULT_OPTIM = {
     "lr": 1e-3,
@@ -39,17 +48,54 @@ def model_config(model_options: dict[str, Any]) -> TransformerConfig:
 
 
 class LanguageModel(L.LightningModule):
-    """Next-token prediction with `TransformerLM`. Every keyword but `optim` is a model option
-    (`TransformerConfig`); `optim` holds lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio."""
+    """Next-token prediction with `TransformerLM`. Every keyword but the `TRAINING_OPTIONS` is a
+    model option (`TransformerConfig`); `optim` holds lr, weight_decay, betas, eps, warmup_steps,
+    min_lr_ratio; `compile` and `activation_checkpointing` are applied in `configure_model`."""
 
-    def __init__(self, optim: dict | DictConfig | None = None, **model_options: Any) -> None:
+    def __init__(
+        self,
+        optim: dict | DictConfig | None = None,
+        compile: bool = False,
+        activation_checkpointing: bool = False,
+        **model_options: Any,
+    ) -> None:
         super().__init__()
         if isinstance(optim, DictConfig):
             optim = OmegaConf.to_container(optim, resolve=True)
-        self.save_hyperparameters({"optim": optim or {}, **model_options})
+        self.save_hyperparameters(
+            {
+                "optim": optim or {},
+                "compile": compile,
+                "activation_checkpointing": activation_checkpointing,
+                **model_options,
+            }
+        )
         self.optim = {**DEFAULT_OPTIM, **(optim or {})}
+        self.compile_blocks = compile
+        self.activation_checkpointing = activation_checkpointing
         self.model = TransformerLM(model_config(model_options))
         self.val_loss = MeanMetric()
+        self._model_configured = False
+
+    def configure_model(self) -> None:
+        """Activation checkpointing, compilation and, under `ModelParallelStrategy`, FSDP2 over
+        its data-parallel mesh, each applied once to the inner model."""
+        if self._model_configured:
+            return
+        if self.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        if self.compile_blocks:
+            apply_compile(self.model)
+        if self.device_mesh is not None:
+            if self.device_mesh["tensor_parallel"].size() > 1:
+                raise ValueError(
+                    "the model has no tensor-parallel plan; set "
+                    "trainer.strategy.tensor_parallel_size=1"
+                )
+            device_type = self.trainer.strategy.root_device.type
+            policy = fsdp_mixed_precision(self.trainer.precision, device_type)
+            apply_fsdp(self.model, self.device_mesh["data_parallel"], policy)
+        self._model_configured = True
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -90,7 +136,11 @@ class LanguageModel(L.LightningModule):
             betas=tuple(o["betas"]),
             eps=o["eps"],
         )
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        total = (
+            self.trainer.max_steps
+            if self.trainer.max_steps > 0
+            else self.trainer.estimated_stepping_batches
+        )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: warmup_cosine(step, o["warmup_steps"], int(total), o["min_lr_ratio"]),

@@ -1,4 +1,4 @@
-"""Measurements on a model at a point in training (pure torch, no Lightning)."""
+"""Analyses of models and runs; `signal` measures signal propagation (pure torch, no Lightning)."""
 
 from spannorm.analysis.signal import measure_signal, summarize_signal
 

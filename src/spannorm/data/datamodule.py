@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .sampling import EpochShuffle, ResumableLoader
 from .shakespeare import ensure_shakespeare
 from .tokenizer import TOKENIZER_KINDS, Tokenizer, atomic_output, build_tokenizer, file_sha256
 
@@ -217,16 +218,19 @@ class TextDataModule(L.LightningDataModule):
         self.train_tokens, self.val_tokens = tokens["train"], tokens["validation"]
 
     def train_dataloader(self) -> DataLoader:
-        shuffle_order = torch.Generator().manual_seed(self.seed)
+        # shuffled by (seed, epoch) and resumable in mid-epoch: see .sampling
+        shuffle_order = EpochShuffle(self.train_set, self.seed)
         return self._loader(
-            self.train_set, self.batch_size, shuffle=True, generator=shuffle_order, drop_last=True
+            self.train_set, self.batch_size, ResumableLoader, sampler=shuffle_order, drop_last=True
         )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, shuffle=False, drop_last=False)
 
-    def _loader(self, dataset: PackedBlocks, batch_size: int, **options: Any) -> DataLoader:
-        return DataLoader(
+    def _loader(
+        self, dataset: PackedBlocks, batch_size: int, loader=DataLoader, **options: Any
+    ) -> DataLoader:
+        return loader(
             dataset,
             batch_size=batch_size,
             num_workers=self.num_workers,

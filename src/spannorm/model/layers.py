@@ -119,11 +119,3 @@ class MLP(nn.Module):
             h = F.gelu(self.fc(x))
         return self.dropout(self.proj(h))
 
-
-def make_ffn(cfg: TransformerConfig) -> nn.Module:
-    """The feed-forward sublayer: the dense MLP (or, with `ffn=moe`, a Mixture-of-Experts)."""
-    if cfg.ffn == "moe":
-        from spannorm.model.moe import MoE
-
-        return MoE(cfg)
-    return MLP(cfg)

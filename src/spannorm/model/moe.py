@@ -3,11 +3,12 @@
 For tokens x_n (flattened over batch and time) and experts E_1..E_M:
     p_n = softmax(W_r x_n)                          router probabilities, [M]
     S_n = top-k_e (p_ne + b_e)                      chosen experts; b = balancing bias (or 0)
-    g_ne = p_ne / sum_{j in S_n} p_nj  (e in S_n)   gates: chosen probabilities renormalized
+    g_ne = p_ne / sum_{j in S_n} p_nj  (e in S_n)   gates: chosen probabilities renormalized (k > 1)
+    g_ne = p_ne                         (k = 1)      gate: the raw probability (Switch)
     y_n = sum_{e in S_n} g_ne E_e(x_n)  [+ E_shared(x_n)]
-The gates sum to 1 per token, so the output scale does not depend on k or on how peaked the
-router is. With top_k=1 the gate is identically 1 and the router then learns only through the
-auxiliary loss (Switch would use g = p instead).
+For k > 1 the gates sum to 1 per token, so the output scale does not depend on k or on how peaked
+the router is. A renormalized top-1 gate would be identically 1 and the router would learn only
+through the auxiliary loss, hence Switch's raw probability there.
 
 Each E_e is the dense MLP's function (SwiGLU or GELU, same hidden size rule); expert weights
 are batched 3-D parameters. Tokens are sorted by expert and each expert multiplies its
@@ -87,6 +88,8 @@ class MoE(nn.Module):
         scores = probs if self.expert_bias is None else probs + self.expert_bias
         chosen = scores.topk(self.top_k, dim=-1).indices
         gates = probs.gather(-1, chosen)
+        if self.top_k == 1:
+            return probs, chosen, gates
         return probs, chosen, gates / gates.sum(dim=-1, keepdim=True)
 
     def activation(self, h: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from spannorm.model.config import TransformerConfig
-from spannorm.model.layers import CausalSelfAttention, make_ffn
+from spannorm.model.layers import MLP, CausalSelfAttention
+from spannorm.model.moe import MoE
 from spannorm.model.norms import make_norm
 
 
@@ -51,6 +52,11 @@ def get_placement(name: str) -> Placement:
             f"model.norm={name!r} is not a norm placement; choose one of: {', '.join(PLACEMENTS)}"
         )
     return PLACEMENTS[name]
+
+
+def make_ffn(cfg: TransformerConfig) -> nn.Module:
+    """The feed-forward sublayer F: the dense MLP, or a Mixture-of-Experts with `ffn=moe`."""
+    return MoE(cfg) if cfg.ffn == "moe" else MLP(cfg)
 
 
 class Block(nn.Module):

@@ -1,0 +1,281 @@
+"""Compare finished runs from their TensorBoard events and Hydra files: a markdown table, loss
+curves and a per-group summary of the final validation loss (`scripts/compare_runs.py`).
+
+A run is a directory holding `.hydra/config.yaml` (its composed config, interpolations kept) and
+`.hydra/overrides.yaml` (its command-line overrides; group choices such as `data=text` are only
+there); a multirun directory stands for its job subdirectories `0/`, `1/`, ...
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+
+from spannorm.tb import read_scalars
+
+Series = list[tuple[int, float]]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"norm": "x"}} -> {"model.norm": "x"}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, str]:
+    """["model.norm=spannorm", "+experiment=deep"] -> {"model.norm": "spannorm", "experiment":
+    "deep"}; deletions (`~key`) are left out."""
+    pairs = (o.lstrip("+").split("=", 1) for o in overrides if "=" in o and not o.startswith("~"))
+    return {key: value for key, value in pairs}
+
+
+@dataclass
+class Run:
+    """One run: its name in the report, its settings and its logged scalars."""
+
+    name: str
+    settings: dict[str, Any]  # flattened config, plus the overrides it does not show
+    scalars: dict[str, Series]
+
+    @classmethod
+    def load(cls, path: Path, name: str) -> Run:
+        hydra_dir = path / ".hydra"
+        config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=False)
+        overrides_file = hydra_dir / "overrides.yaml"
+        overrides = OmegaConf.load(overrides_file) if overrides_file.is_file() else []
+        settings = {**parse_overrides(list(overrides)), **flatten(config)}
+        return cls(name, settings, read_scalars(path))
+
+    def values(self, tag: str) -> list[float]:
+        return [value for _, value in self.scalars.get(tag, [])]
+
+    @property
+    def final_val_loss(self) -> float:
+        return (self.values("val/loss") or [math.nan])[-1]
+
+    @property
+    def best_val_loss(self) -> float:
+        return min(self.values("val/loss"), default=math.nan)
+
+    @property
+    def last_step(self) -> int:
+        """The last step at which a `train/` or `val/` scalar was logged."""
+        steps = [
+            s
+            for tag, series in self.scalars.items()
+            if tag.startswith(("train/", "val/"))
+            for s, _ in series
+        ]
+        return max(steps, default=0)
+
+    @property
+    def median_tokens_per_sec(self) -> float:
+        rates = self.values("throughput/tokens_per_sec")
+        return statistics.median(rates) if rates else math.nan
+
+    @property
+    def diverged_at(self) -> int | None:
+        """The step the divergence guard stopped at, if it did."""
+        series = self.scalars.get("train/diverged")
+        return series[0][0] if series else None
+
+    @property
+    def loss_spikes(self) -> int | None:
+        spikes = self.values("train/loss_spikes")
+        return int(spikes[-1]) if spikes else None
+
+
+def find_runs(paths: list[Path]) -> list[tuple[Path, str]]:
+    """(run directory, name) for each run under `paths`: a run directory itself, or the job
+    subdirectories of a multirun directory (in job order). Names are paths relative to the
+    runs' common parent."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if (path / ".hydra" / "config.yaml").is_file():
+            found.append(path)
+            continue
+        jobs = (
+            [p for p in path.iterdir() if (p / ".hydra" / "config.yaml").is_file()]
+            if path.is_dir()
+            else []
+        )
+        if not jobs:
+            raise FileNotFoundError(
+                f"{path} is neither a run directory (with .hydra/config.yaml) nor a multirun "
+                "directory of such runs"
+            )
+        found.extend(sorted(jobs, key=lambda p: (len(p.name), p.name)))  # job 2 before job 10
+    parent = common_parent(found)
+    return [(path, str(path.resolve().relative_to(parent))) for path in found]
+
+
+def common_parent(paths: list[Path]) -> Path:
+    """The deepest directory containing every path (a path's parent if there is only one)."""
+    resolved = [p.resolve() for p in paths]
+    if len(resolved) == 1:
+        return resolved[0].parent
+    return Path(os.path.commonpath(resolved))
+
+
+def differing_keys(runs: list[Run]) -> list[str]:
+    """Settings whose value is not the same in every run, in config order."""
+    keys = dict.fromkeys(key for run in runs for key in run.settings)
+    return [k for k in keys if len({repr(run.settings.get(k)) for run in runs}) > 1]
+
+
+def format_number(value: float, digits: int = 4) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def runs_table(runs: list[Run], keys: list[str]) -> str:
+    """One row per run: the differing settings, then the results."""
+    header = [
+        "run",
+        *keys,
+        "final val loss",
+        "best val loss",
+        "last step",
+        "median tokens/s",
+        "diverged",
+        "loss spikes",
+    ]
+    rows = [
+        [
+            run.name,
+            *(str(run.settings.get(key, "")) for key in keys),
+            format_number(run.final_val_loss),
+            format_number(run.best_val_loss),
+            str(run.last_step),
+            format_number(run.median_tokens_per_sec, 0),
+            "no" if run.diverged_at is None else f"yes (step {run.diverged_at})",
+            "–" if run.loss_spikes is None else str(run.loss_spikes),
+        ]
+        for run in runs
+    ]
+    return markdown_table(header, rows)
+
+
+def group_runs(runs: list[Run], group_by: str) -> dict[str, list[Run]]:
+    """Runs by their value of the setting `group_by` (a dotted config key or an override)."""
+    if not any(group_by in run.settings for run in runs):
+        raise ValueError(
+            f"--group-by {group_by!r} is set in none of the runs; settings that differ between "
+            f"them: {', '.join(differing_keys(runs)) or '(none)'}"
+        )
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(str(run.settings.get(group_by, "(unset)")), []).append(run)
+    return groups
+
+
+def group_final_losses(runs: list[Run]) -> list[float]:
+    """Final val losses of the runs that neither diverged nor lack one."""
+    return [
+        r.final_val_loss for r in runs if r.diverged_at is None and not math.isnan(r.final_val_loss)
+    ]
+
+
+def groups_table(groups: dict[str, list[Run]], group_by: str) -> str:
+    """Per group: runs, diverged runs, and mean ± sample std, min, max of the final val loss
+    over the runs that did not diverge."""
+    rows = []
+    for value, members in groups.items():
+        losses = group_final_losses(members)
+        spread = statistics.stdev(losses) if len(losses) > 1 else 0.0
+        rows.append(
+            [
+                value,
+                str(len(members)),
+                str(sum(r.diverged_at is not None for r in members)),
+                f"{format_number(statistics.mean(losses))} ± {format_number(spread)}"
+                if losses
+                else "–",
+                format_number(min(losses, default=math.nan)),
+                format_number(max(losses, default=math.nan)),
+            ]
+        )
+    header = [group_by, "runs", "diverged", "final val loss mean ± std", "min", "max"]
+    return markdown_table(header, rows)
+
+
+def plot_loss_curves(groups: dict[str, list[Run]], group_by: str, path: Path) -> None:
+    """Train and validation loss against step, one line per run, one color per group."""
+    figure = Figure(figsize=(11, 4), layout="constrained")
+    panels = figure.subplots(1, 2)
+    for color, (value, members) in enumerate(groups.items()):
+        for index, run in enumerate(members):
+            for axes, tag in zip(panels, ("train/loss", "val/loss"), strict=True):
+                steps, losses = zip(*run.scalars.get(tag, [(0, math.nan)]), strict=True)
+                axes.plot(
+                    steps,
+                    losses,
+                    color=f"C{color % 10}",
+                    alpha=0.8,
+                    lw=1.2,
+                    marker="." if tag == "val/loss" else None,
+                    label=f"{group_by}={value}" if index == 0 else None,
+                )
+    for axes, title in zip(panels, ("train loss", "validation loss"), strict=True):
+        axes.set(title=title, xlabel="step", ylabel="loss (nats)")
+        axes.grid(alpha=0.3)
+    panels[1].legend(fontsize=8)
+    figure.savefig(path, dpi=100)
+
+
+def plot_group_summary(groups: dict[str, list[Run]], group_by: str, path: Path) -> None:
+    """Final val loss per group: each run as a dot, the mean with a ± std bar."""
+    figure = Figure(figsize=(max(4, 1.2 * len(groups)), 3.5), layout="constrained")
+    axes = figure.subplots()
+    for position, members in enumerate(groups.values()):
+        losses = group_final_losses(members)
+        if not losses:
+            continue
+        axes.scatter([position] * len(losses), losses, color=f"C{position % 10}", alpha=0.6, s=14)
+        spread = statistics.stdev(losses) if len(losses) > 1 else 0.0
+        axes.errorbar(
+            position + 0.15, statistics.mean(losses), yerr=spread, fmt="o", color="k", capsize=4
+        )
+    axes.set_xticks(range(len(groups)), list(groups), fontsize=8)
+    axes.set(
+        xlabel=group_by, ylabel="final val loss (nats)", title="final validation loss by group"
+    )
+    axes.grid(alpha=0.3, axis="y")
+    figure.savefig(path, dpi=100)
+
+
+def compare(paths: list[Path], group_by: str, out: Path | None = None) -> list[Path]:
+    """Write `runs.md`, `loss_curves.png` and `final_val_loss_by_group.png` into `out` (default:
+    `compare/` in the runs' common parent); return their paths."""
+    found = find_runs(paths)
+    runs = [Run.load(path, name) for path, name in found]
+    out = Path(out) if out is not None else common_parent([p for p, _ in found]) / "compare"
+    out.mkdir(parents=True, exist_ok=True)
+    keys = differing_keys(runs)
+    groups = group_runs(runs, group_by)
+    report = out / "runs.md"
+    report.write_text(
+        f"# {len(runs)} runs\n\n{runs_table(runs, keys)}\n\n"
+        f"## Final validation loss by {group_by}\n\n{groups_table(groups, group_by)}\n\n"
+        "![loss curves](loss_curves.png)\n\n![final val loss by group](final_val_loss_by_group.png)\n",
+        encoding="utf-8",
+    )
+    plot_loss_curves(groups, group_by, out / "loss_curves.png")
+    plot_group_summary(groups, group_by, out / "final_val_loss_by_group.png")
+    return [report, out / "loss_curves.png", out / "final_val_loss_by_group.png"]

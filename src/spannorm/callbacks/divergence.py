@@ -1,0 +1,59 @@
+"""Divergence guard: stop on a non-finite loss with the last good weights saved; count spikes.
+
+Checked in `on_before_backward`, i.e. before the step's gradients reach the weights:
+- loss NaN or inf at step N: save `checkpoints/last-good-step<N>.ckpt` (weights, optimizer and
+  schedule after N updates, none from the bad batch), log `train/diverged` = 1 at step N and raise
+  `TrainingDiverged`, which the CLI prints as one `error:` line (exit status 3);
+- loss > spike_factor * median(the last `spike_window` finite losses): one more spike;
+  the running count is logged as `train/loss_spikes` with `train/loss`.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from pathlib import Path
+
+import lightning as L
+
+from spannorm.callbacks import TrainingDiverged, log_scalars
+
+
+class DivergenceGuard(L.Callback):
+    """See the module docstring. The loss is read once per step (one device sync)."""
+
+    def __init__(self, spike_factor: float = 1.5, spike_window: int = 50):
+        if spike_factor <= 1 or spike_window < 1:
+            raise ValueError(
+                f"callbacks.divergence: spike_factor={spike_factor} must exceed 1 and "
+                f"spike_window={spike_window} must be at least 1"
+            )
+        self.spike_factor = spike_factor
+        self.recent_losses: deque[float] = deque(maxlen=spike_window)
+        self.spikes = 0
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        value = loss.detach().item()
+        if trainer.strategy.reduce_boolean_decision(not math.isfinite(value), all=False):
+            self._stop(trainer, value)
+        window_full = len(self.recent_losses) == self.recent_losses.maxlen
+        if window_full and value > self.spike_factor * statistics.median(self.recent_losses):
+            self.spikes += 1
+        self.recent_losses.append(value)
+        pl_module.log("train/loss_spikes", float(self.spikes))
+
+    def _stop(self, trainer, value: float) -> None:
+        step = trainer.global_step
+        directory = (
+            Path(trainer.checkpoint_callback.dirpath)
+            if trainer.checkpoint_callback and trainer.checkpoint_callback.dirpath
+            else Path(trainer.default_root_dir) / "checkpoints"
+        )
+        path = directory / f"last-good-step{step:06d}.ckpt"
+        trainer.save_checkpoint(path)
+        log_scalars(trainer, {"train/diverged": 1.0}, step)
+        raise TrainingDiverged(
+            f"training diverged: loss is {value} at step {step}; last good checkpoint "
+            f"(the weights before that step): {path}"
+        )

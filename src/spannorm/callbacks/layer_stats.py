@@ -1,0 +1,174 @@
+"""Per-block statistics of the training step, every `every_n_steps` steps, under `layers/`.
+
+For block l with input x_{l-1} and output x_l (x_{-1} = the scaled token embedding), on the
+training batch itself:
+    rms[l]              = sqrt(mean(x_l^2))                       the stream's scale
+    stream_grad_norm[l] = ||dLoss/dx_l||_F                        gradient reaching block l's output
+    param_grad_norm[l]  = ||dLoss/dθ_l||_2                        block l's parameters, before clipping
+    update_ratio[l]     = ||θ_l(after) - θ_l(before)||_2 / ||θ_l(before)||_2   across the optimizer step
+    cos[l]              = mean over tokens of cos(x_{l-1}, x_l)   near 1: the block barely turns the stream
+    attn_entropy[l]     = mean over heads h and queries i of -sum_j p_hij log p_hij (nats), with
+                          p_h = causal softmax(q_h k_h^T / sqrt(hd)) after RoPE, on the first
+                          `entropy_sequences` sequences of the batch (query i can reach at most log(i+1))
+rms, stream_grad_norm and cos are `spannorm.analysis.signal`'s definitions, measured during training.
+Hooks are attached only for a logging step and removed after it, so other steps run the bare model.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.figure import Figure
+from torch.nn.utils import get_total_norm
+
+from spannorm.callbacks import block_tag, log_scalars
+from spannorm.model.layers import CausalSelfAttention, rope_tables, rotate
+
+# panel order in the image; the first four span orders of magnitude and are drawn as log10
+METRICS = ("rms", "stream_grad_norm", "param_grad_norm", "update_ratio", "cos", "attn_entropy")
+LOG10_PANELS = {"rms", "stream_grad_norm", "param_grad_norm", "update_ratio"}
+
+
+def attention_entropy(attn: CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
+    """Mean over heads and queries of the entropy (nats) of `attn`'s causal attention on x [B, T, D]."""
+    T = x.shape[1]
+    q, k, _ = attn.heads(x)
+    cos, sin = rope_tables(attn.head_dim, 0, T, attn.rope_theta, x.device)
+    scores = rotate(q, cos, sin) @ rotate(k, cos, sin).transpose(-2, -1) / math.sqrt(attn.head_dim)
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    probs = scores.float().masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    return torch.special.entr(probs).sum(dim=-1).mean()
+
+
+class LayerProfilePlot:
+    """One figure, a panel per metric against the block index, redrawn in place at each update:
+    building the axes, ticks and a layout anew costs several times more than the redraw. Log-scale
+    panels plot log10 of the value on a linear axis (log axes render slower tick labels)."""
+
+    def __init__(self, n_blocks: int):
+        self.figure = Figure(figsize=(9, 4.4), dpi=72)
+        self.figure.subplots_adjust(
+            left=0.06, right=0.99, bottom=0.1, top=0.87, wspace=0.28, hspace=0.4
+        )
+        self.lines = {}
+        for axes, metric in zip(self.figure.subplots(2, 3, sharex=True).flat, METRICS, strict=True):
+            (self.lines[metric],) = axes.plot(range(n_blocks), [0.0] * n_blocks, marker=".", lw=1)
+            axes.set_title(f"log10 {metric}" if metric in LOG10_PANELS else metric, fontsize=9)
+            axes.tick_params(labelsize=7)
+            axes.grid(alpha=0.3)
+        for axes in self.figure.axes[3:]:
+            axes.set_xlabel("block", fontsize=8)
+        self.title = self.figure.suptitle("", fontsize=9)
+
+    def update(self, values: dict[str, list[float]], step: int) -> Figure:
+        for metric, line in self.lines.items():
+            series = np.asarray(values[metric], dtype=float)
+            if metric in LOG10_PANELS:
+                series = np.log10(np.where(series > 0, series, np.nan))
+            line.set_ydata(series)
+            line.axes.relim()
+            line.axes.autoscale_view()
+        self.title.set_text(f"per-block statistics, step {step}")
+        return self.figure
+
+
+class LayerStatsMonitor(L.Callback):
+    """Logs `layers/<metric>/block_<l>` for the METRICS above every `every_n_steps` optimizer
+    steps (at the step of the batch measured, like `train/loss`), and with `image` one figure
+    `layers/profile` of every metric against depth."""
+
+    def __init__(self, every_n_steps: int = 50, entropy_sequences: int = 1, image: bool = True):
+        if every_n_steps < 1 or entropy_sequences < 1:
+            raise ValueError(
+                f"callbacks.layer_stats: every_n_steps={every_n_steps} and "
+                f"entropy_sequences={entropy_sequences} must be at least 1"
+            )
+        self.every_n_steps = every_n_steps
+        self.entropy_sequences = entropy_sequences
+        self.image = image
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._stats: dict[str, list[torch.Tensor | None]] = {}
+        self._params_before: list[list[torch.Tensor]] | None = None
+        self._step = 0
+        self._plot: LayerProfilePlot | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps or self._handles:
+            return
+        blocks = pl_module.model.blocks
+        self._step = trainer.global_step
+        self._stats = {metric: [None] * len(blocks) for metric in METRICS}
+        for index, block in enumerate(blocks):
+            self._handles.append(block.register_forward_hook(partial(self._record_block, index)))
+            self._handles.append(
+                block.attn.register_forward_hook(partial(self._record_attention, index))
+            )
+
+    def _record_block(self, index: int, block, args, output: torch.Tensor) -> None:
+        with torch.no_grad():
+            stream = output.detach().float()
+            self._stats["rms"][index] = stream.pow(2).mean().sqrt()
+            self._stats["cos"][index] = F.cosine_similarity(
+                args[0].detach().float(), stream, dim=-1
+            ).mean()
+        if output.requires_grad:
+            output.register_hook(partial(self._record_stream_grad, index))
+
+    def _record_stream_grad(self, index: int, grad: torch.Tensor) -> None:
+        self._stats["stream_grad_norm"][index] = grad.detach().float().norm()
+
+    def _record_attention(self, index: int, attn, args, output) -> None:
+        with torch.no_grad():
+            self._stats["attn_entropy"][index] = attention_entropy(
+                attn, args[0][: self.entropy_sequences]
+            )
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self._handles:
+            return
+        blocks = pl_module.model.blocks
+        self._stats["param_grad_norm"] = [
+            get_total_norm([p.grad for p in block.parameters() if p.grad is not None])
+            for block in blocks
+        ]
+        self._params_before = [[p.detach().clone() for p in block.parameters()] for block in blocks]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._params_before is None:  # not a logging step, or still accumulating gradients
+            return
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        with torch.no_grad():
+            self._stats["update_ratio"] = [
+                get_total_norm(
+                    [p.detach() - old for p, old in zip(block.parameters(), before, strict=True)]
+                )
+                / get_total_norm(before)
+                for block, before in zip(pl_module.model.blocks, self._params_before, strict=True)
+            ]
+        self._params_before = None
+        table = torch.stack([torch.stack(self._stats[metric]) for metric in METRICS]).tolist()
+        values = dict(zip(METRICS, table, strict=True))
+        n_blocks = len(table[0])
+        log_scalars(
+            trainer,
+            {
+                block_tag("layers", metric, block, n_blocks): value
+                for metric, series in values.items()
+                for block, value in enumerate(series)
+            },
+            self._step,
+        )
+        if self.image:
+            self._plot = self._plot or LayerProfilePlot(n_blocks)
+            figure = self._plot.update(values, self._step)
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_figure("layers/profile", figure, self._step, close=False)

@@ -1,0 +1,184 @@
+"""Checkpoints that survive interruption: atomic writes, a `last.ckpt` kept ready to resume from
+(every N steps, at the end of training, and when SIGTERM or SIGINT stops the run), and finding and
+verifying the checkpoint to resume from or to load."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import threading
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.plugins import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from spannorm.data.tokenizer import atomic_output
+
+# A sharded checkpoint is a folder: one file per process beside this one of the trainer's state.
+SHARDED_METADATA = "meta.pt"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside it, fsyncs it and renames it over the old
+    one, so a run killed mid-write leaves the previous checkpoint intact (local paths)."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
+    ) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            _fsync(tmp)
+        _fsync(path.parent)  # the rename itself survives a crash of the machine
+
+
+class LastCheckpoint(L.Callback):
+    """Keeps the run's `last.ckpt` (in its ModelCheckpoint's folder) ready to resume from: saved
+    every `every_n_train_steps` steps, at the end of training, and when SIGTERM or SIGINT stops the
+    run. A stop signal ends the run after the current step, or after the validation in progress;
+    Lightning then raises `SIGTERMException`. A second SIGINT interrupts at once, without saving.
+
+    `stop_signal` is the signal that stopped the run; `saved` and `saved_step` are the last
+    checkpoint this callback wrote and its step. A validation cut short by a signal arriving just
+    before it is not saved (resuming would skip it): the previous checkpoint stays the last.
+    """
+
+    def __init__(self, every_n_train_steps: int | None = None) -> None:
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise ValueError(
+                f"checkpoint_every_n_steps={every_n_train_steps} must be a positive integer or null"
+            )
+        self.every_n_train_steps = every_n_train_steps
+        self.stop_signal: signal.Signals | None = None
+        self.saved: str | None = None
+        self.saved_step: int | None = None
+        self._stop_after_validation = False
+        self._lightning_stop = None
+        self._previous_handlers: dict[signal.Signals, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning's SIGTERM handler, installed for `fit`, stops the loop after the current step
+        lightning_stop = signal.getsignal(signal.SIGTERM)
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        if not (callable(lightning_stop) and on_main_thread):
+            return  # no handler to stop with (Windows), or no signals here (not the main thread)
+        self._lightning_stop = lightning_stop
+        handler = functools.partial(self._on_stop_signal, trainer)
+        for signum in STOP_SIGNALS:
+            self._previous_handlers[signum] = signal.signal(signum, handler)
+
+    def _on_stop_signal(self, trainer: L.Trainer, signum: int, frame: Any) -> None:
+        if self.stop_signal is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl+C: stop now, without a checkpoint
+            return
+        self.stop_signal = signal.Signals(signum)
+        if trainer.validating:
+            self._stop_after_validation = True
+        else:
+            self._lightning_stop(signal.SIGTERM, frame)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._stop_after_validation:
+            self._stop_after_validation = False
+            self._lightning_stop(signal.SIGTERM, None)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_train_steps and step % self.every_n_train_steps == 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore_handlers()
+        stopped_between_steps = not (trainer.validating or trainer.sanity_checking)
+        if isinstance(exception, SIGTERMException) and stopped_between_steps:
+            self._save(trainer)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+    def _save(self, trainer: L.Trainer) -> None:
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is None or self.saved_step == trainer.global_step:
+            return
+        path = checkpoint.format_checkpoint_name({}, checkpoint.CHECKPOINT_NAME_LAST)
+        # so that ModelCheckpoint replaces this file next, instead of writing a last-v1.ckpt
+        checkpoint.last_model_path = path
+        trainer.save_checkpoint(path)
+        self.saved, self.saved_step = path, trainer.global_step
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint file, or the folder of a sharded checkpoint."""
+    return path.is_file() or (path / SHARDED_METADATA).is_file()
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The most recently written `*.ckpt` in `run_dir/checkpoints` or `run_dir`, if any."""
+    found = [
+        path
+        for folder in (run_dir / "checkpoints", run_dir)
+        for path in folder.glob("*.ckpt")
+        if is_checkpoint(path)
+    ]
+    return max(found, key=lambda path: path.stat().st_mtime_ns, default=None)
+
+
+def verify_checkpoint(path: Path, key: str) -> None:
+    """Raise ValueError unless the checkpoint's zip archive (torch.save's format) is complete and
+    every member matches its CRC: `torch.load` itself accepts flipped bits in tensor data."""
+    archive = path / SHARDED_METADATA if path.is_dir() else path
+    try:
+        with zipfile.ZipFile(archive) as zip_file:
+            damaged = zip_file.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
+        raise ValueError(
+            f"{key}={str(path)!r} is not a readable checkpoint ({error}); it is truncated or "
+            "was not written by torch.save"
+        ) from None
+    if damaged is not None:
+        raise ValueError(f"{key}={str(path)!r} is corrupted: its {damaged!r} fails the CRC check")
+
+
+def resolve_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
+    """The checkpoint at `path`, or the newest one of the run directory `path`, verified intact;
+    `key` names the option in error messages."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{key}={str(path)!r} does not exist; pass a run directory or a .ckpt file"
+        )
+    if not is_checkpoint(path):
+        newest = newest_checkpoint(path)
+        if newest is None:
+            raise FileNotFoundError(
+                f"{key}={str(path)!r} is a directory without checkpoints (*.ckpt in it or in its "
+                "checkpoints/); pass a run directory or a .ckpt file"
+            )
+        path = newest
+    verify_checkpoint(path, key)
+    return path

@@ -1,0 +1,78 @@
+"""Training-time transforms of a built `TransformerLM`, applied in place as separate steps (in this
+order): activation checkpointing, compilation, FSDP2 sharding. None of them renames a parameter,
+so checkpoints load into a plain model; a sharded checkpoint folder is made one file with
+
+    python -m spannorm.parallel outputs/runs/<run>/checkpoints/last.ckpt
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed._composable import checkpoint
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from spannorm.model import TransformerLM
+
+
+def apply_activation_checkpointing(model: TransformerLM) -> None:
+    """Keep only each block's input in the forward pass and recompute the rest in the backward."""
+    if model.cfg.ffn == "moe" and model.cfg.moe_bias_balance:
+        raise ValueError(
+            "model.activation_checkpointing=true recomputes each block's forward, which would update "
+            "the MoE balancing bias twice per step and may route differently; "
+            "set model.moe_bias_balance=false or model.activation_checkpointing=false"
+        )
+    for block in model.blocks:
+        checkpoint(block)
+
+
+def apply_compile(model: TransformerLM) -> None:
+    """Compile each block in place (`nn.Module.compile`), so that state_dict keys stay unchanged
+    (no `_orig_mod.` prefix)."""
+    for block in model.blocks:
+        block.compile()
+
+
+def fsdp_mixed_precision(precision: str, device_type: str) -> MixedPrecisionPolicy:
+    """bf16 parameters for compute with fp32 gradient reduction on GPU under a bf16 `precision`;
+    fp32 throughout otherwise."""
+    if device_type == "cuda" and precision.startswith("bf16"):
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def apply_fsdp(model: TransformerLM, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy) -> None:
+    """Shard each block over `mesh`, then the rest (embedding, final norm, head) as the root. The
+    last block keeps its parameters gathered after forward: backward needs them first."""
+    last = len(model.blocks) - 1
+    for index, block in enumerate(model.blocks):
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=index < last)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+
+
+def consolidate_checkpoint(folder: str | os.PathLike) -> Path:
+    """Write the weights and training metadata of a sharded checkpoint folder (what
+    `ModelParallelStrategy` saves) to `<name>.consolidated.ckpt` beside it: one file that
+    `LanguageModel.load_from_checkpoint`, eval.py and generate.py read. Optimizer state is left
+    out (it is keyed by parameter name there, by position in a plain checkpoint)."""
+    folder = Path(folder)
+    metadata = folder / "meta.pt"  # Lightning's file of everything but the sharded tensors
+    if not metadata.is_file():
+        raise FileNotFoundError(f"{folder} is not a sharded Lightning checkpoint (no meta.pt)")
+    output = folder.with_suffix(".consolidated.ckpt")
+    dcp_to_torch_save(folder, output)
+    weights = torch.load(output, map_location="cpu")["state_dict"]
+    torch.save({**torch.load(metadata, map_location="cpu"), "state_dict": weights}, output)
+    return output
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m spannorm.parallel <sharded checkpoint folder>")
+    print(consolidate_checkpoint(sys.argv[1]))

@@ -1,0 +1,208 @@
+"""The monitoring callbacks: values against direct computations, a CLI run logging every
+namespace, MoE statistics, the divergence guard on an injected NaN, spike counting."""
+
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run_entry, tiny_overrides
+from lightning.fabric.utilities.throughput import measure_flops
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_cli import compose_train
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils import get_total_norm
+
+from spannorm.callbacks.divergence import DivergenceGuard
+from spannorm.callbacks.layer_stats import LayerStatsMonitor
+from spannorm.callbacks.throughput import flops_per_token
+from spannorm.cli import friendly_errors, train
+from spannorm.lm import LanguageModel
+from spannorm.model import TransformerConfig, TransformerLM
+from spannorm.tb import read_scalars
+
+
+class RecordingLogger:
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.metrics.update(metrics)
+
+
+class PoisonLogits(L.Callback):
+    """Test-only: makes the logits NaN at optimizer step `step` (the weights stay finite)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            pl_module.model.register_forward_hook(lambda module, args, out: out * math.nan)
+
+
+@pytest.fixture
+def one_thread():
+    """In-process training on one thread, as the subprocess runs use (a shared CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_layer_stats_equal_a_direct_computation():
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerConfig(vocab_size=32, d_model=16, n_layers=3, n_heads=2))
+    with torch.no_grad():  # q = k = 0 in block 1: uniform causal attention, entropy log(i + 1)
+        model.blocks[1].attn.qkv.weight[: 2 * 16] = 0
+    reference = copy.deepcopy(model)  # the weights the monitored step starts from
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    idx = torch.randint(0, 32, (2, 8))
+    logger = RecordingLogger()
+    trainer = SimpleNamespace(global_step=0, loggers=[logger])
+    module = SimpleNamespace(model=model)
+    monitor = LayerStatsMonitor(every_n_steps=5, entropy_sequences=2)
+
+    monitor.on_train_batch_start(trainer, module, None, 0)
+    F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+    monitor.on_before_optimizer_step(trainer, module, optimizer)
+    optimizer.step()
+    monitor.on_train_batch_end(trainer, module, None, None, 0)
+    assert not any(block._forward_hooks for block in model.blocks)  # removed after the step
+
+    x = reference.tok_emb(idx) * reference.embed_scale
+    streams = []
+    for block in reference.blocks:
+        out = block(x)
+        out.retain_grad()
+        streams.append((x, out))
+        x = out
+    F.cross_entropy(reference.head(reference.final_norm(x)).flatten(0, 1), idx.flatten()).backward()
+    for index, (x_in, out) in enumerate(streams):
+        before = list(reference.blocks[index].parameters())
+        after = list(model.blocks[index].parameters())
+        expected = {
+            "rms": out.pow(2).mean().sqrt(),
+            "cos": F.cosine_similarity(x_in, out, dim=-1).mean(),
+            "stream_grad_norm": out.grad.norm(),
+            "param_grad_norm": get_total_norm([p.grad for p in before]),
+            "update_ratio": get_total_norm([a - b for a, b in zip(after, before, strict=True)])
+            / get_total_norm(before),
+        }
+        for metric, value in expected.items():
+            logged = logger.metrics[f"layers/{metric}/block_{index:02d}"]
+            assert logged == pytest.approx(value.item(), rel=1e-4), metric
+    uniform = sum(math.log(i + 1) for i in range(8)) / 8
+    assert logger.metrics["layers/attn_entropy/block_01"] == pytest.approx(uniform, rel=1e-5)
+    assert logger.metrics["layers/attn_entropy/block_00"] < uniform
+
+
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+def test_flops_per_token_matches_torch_flop_counter(ffn):
+    cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, ffn=ffn, n_experts=4)
+    model = TransformerLM(cfg)
+    idx = torch.randint(0, 64, (2, 16))
+    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernel is not seen by the counter
+        counted = measure_flops(model, lambda: model(idx), lambda logits: logits.sum())
+    assert flops_per_token(model, seq_len=16) * idx.numel() == counted
+
+
+def test_spikes_are_counted_against_the_moving_median():
+    guard = DivergenceGuard(spike_factor=1.5, spike_window=4)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(reduce_boolean_decision=lambda d, all: d))
+    logged = {}
+    module = SimpleNamespace(log=lambda name, value: logged.update({name: value}))
+    for loss in [3.0, 3.1, 2.9, 3.0, 4.4, 4.6, 3.0, 9.0]:
+        guard.on_before_backward(trainer, module, torch.tensor(loss))
+    assert logged["train/loss_spikes"] == 2.0  # 4.6 > 1.5 * 3.05, 9.0 > 1.5 * 3.7; 4.4 < 1.5 * 3.0
+
+
+@pytest.fixture(scope="module")
+def monitored_run(tiny_corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("monitored")
+    overrides = [o for o in tiny_overrides(tiny_corpus) if not o.startswith("trainer.max_steps")]
+    run_entry(
+        "train.py",
+        *overrides,
+        "trainer.max_steps=20",
+        "trainer.val_check_interval=10",
+        "callbacks.layer_stats.every_n_steps=5",
+        f"hydra.run.dir={run_dir}",
+    )
+    return run_dir
+
+
+def test_cli_run_logs_every_namespace_an_image_and_hparams(monitored_run):
+    scalars = read_scalars(monitored_run)
+    for namespace in ("train/", "val/", "throughput/", "layers/"):
+        assert any(tag.startswith(namespace) for tag in scalars), (namespace, sorted(scalars))
+    for metric in (
+        "rms",
+        "stream_grad_norm",
+        "param_grad_norm",
+        "update_ratio",
+        "cos",
+        "attn_entropy",
+    ):
+        assert [step for step, _ in scalars[f"layers/{metric}/block_01"]] == [0, 5, 10, 15]
+    for metric in ("tokens_per_sec", "step_time_ms", "tflops", "mfu", "peak_memory_mib"):
+        assert scalars[f"throughput/{metric}"] and all(
+            v > 0 for _, v in scalars[f"throughput/{metric}"]
+        )
+    assert scalars["train/loss_spikes"] and "train/diverged" not in scalars
+    assert scalars["hp/final_val_loss"][-1][1] == pytest.approx(scalars["val/loss"][-1][1])
+    events = EventAccumulator(str(monitored_run / "tb")).Reload()
+    assert events.Tags()["images"] == ["layers/profile"]
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
+
+
+def test_moe_run_logs_expert_load_and_router_entropy(tiny_corpus, tmp_path, one_thread):
+    cfg = compose_train(
+        [
+            *tiny_overrides(tiny_corpus),
+            "model.ffn=moe",
+            "model.n_experts=4",
+            "trainer.max_steps=6",
+            "trainer.val_check_interval=6",
+            "callbacks.experts.every_n_steps=5",
+            "callbacks.progress=null",
+            f"run_dir={tmp_path}",
+        ]
+    )
+    train(cfg)
+    scalars = read_scalars(tmp_path)
+    for tag in ("moe/load_max/block_01", "moe/load_min/block_00", "moe/router_entropy/block_01"):
+        assert [step for step, _ in scalars[tag]] == [0, 5]
+    assert all(0.25 <= v <= 1 for _, v in scalars["moe/load_max/block_00"])
+    assert all(0 < v <= math.log(4) for _, v in scalars["moe/router_entropy/block_00"])
+    assert scalars["moe/load_imbalance"][0][1] >= 1
+
+
+def test_nan_loss_stops_with_one_line_error_and_a_loadable_last_good_checkpoint(
+    tiny_corpus, tmp_path, one_thread, capsys
+):
+    cfg = compose_train(
+        [
+            *tiny_overrides(tiny_corpus),
+            "+callbacks.poison._target_=test_monitoring.PoisonLogits",
+            "+callbacks.poison.step=7",
+            "callbacks.progress=null",
+            f"run_dir={tmp_path}",
+        ]
+    )
+    with pytest.raises(SystemExit) as stopped:
+        friendly_errors(train)(cfg)
+    assert stopped.value.code == 3
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "loss is nan at step 7" in errors[0], errors
+    checkpoint = tmp_path / "checkpoints" / "last-good-step000007.ckpt"
+    assert str(checkpoint) in errors[0]
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == 7
+    weights = LanguageModel.load_from_checkpoint(checkpoint, map_location="cpu").state_dict()
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert read_scalars(tmp_path)["train/diverged"] == [(7, 1.0)]
