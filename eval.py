@@ -2,7 +2,7 @@
 
 import hydra
 
-from spannorm.cli import friendly_errors, launch, evaluate
+from spannorm.cli import evaluate, friendly_errors, launch
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

@@ -12,8 +12,8 @@
 #                                         # data/cache/ copied beside the checkout
 #
 # Environment: SPANNORM_DATA_DIR (default data) holds shakespeare/{train,validation}.txt;
-# GPU_CHECK_STEPS (default 200), GPU_CHECK_BATCH (default 32 sequences per GPU),
-# GPU_CHECK_RUN_TIMEOUT (default 200 s per training run); when OUT is set (the device tool's
+# GPU_CHECK_STEPS (default 150), GPU_CHECK_BATCH (default 32 sequences per GPU),
+# GPU_CHECK_RUN_TIMEOUT (default 220 s per training run); when OUT is set (the device tool's
 # output folder) the summary and each run's log end are copied there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -75,7 +75,7 @@ for split in train validation; do
 done
 install_missing || exit 1
 
-STEPS=${GPU_CHECK_STEPS:-200}
+STEPS=${GPU_CHECK_STEPS:-150}
 if [[ -n "${GPU_CHECK_DRY:-}" ]]; then
   export OMP_NUM_THREADS=1
   STEPS=${GPU_CHECK_STEPS:-20}
@@ -98,7 +98,7 @@ fi
 
 common=(
   "${shape[@]}" model.compile=true
-  "trainer.max_steps=$STEPS" "trainer.val_check_interval=$STEPS" trainer.log_every_n_steps=10
+  "trainer.max_steps=$STEPS" ++trainer.limit_val_batches=0 trainer.log_every_n_steps=10
   callbacks.throughput.every_n_steps=10 callbacks.layer_stats=null callbacks.experts=null
   callbacks.checkpoint=null callbacks.progress=null checkpoint_every_n_steps=null
   ++trainer.enable_checkpointing=false ++trainer.enable_progress_bar=false
@@ -112,7 +112,7 @@ train() {  # train NAME OVERRIDES...: one run in $root/NAME, its output in $root
   local name=$1 start=$SECONDS
   shift
   echo "== $name: $*"
-  if timeout "${GPU_CHECK_RUN_TIMEOUT:-200}" "$PYTHON" train.py "${common[@]}" "$@" \
+  if timeout "${GPU_CHECK_RUN_TIMEOUT:-220}" "$PYTHON" train.py "${common[@]}" "$@" \
     "hydra.run.dir=$root/$name" >"$root/$name.log" 2>&1; then
     runs+=("$root/$name")
   else
@@ -137,7 +137,7 @@ if ((n_devices > 1)); then
 fi
 
 "$PYTHON" - "${runs[@]}" <<'PY' | tee "$root/summary.txt"
-"""One line per run: parameters, throughput/* medians, peak memory and the losses."""
+"""One line per run: parameters, throughput/* medians, peak memory and the training loss."""
 import statistics
 import sys
 from pathlib import Path
@@ -151,7 +151,7 @@ from spannorm.callbacks.throughput import matmul_params
 from spannorm.tb import read_scalars
 
 header = ("run", "GPUs", "params", "active", "tok/s/GPU", "MFU", "TFLOP/s", "step ms", "peak GiB",
-          "train loss", "val loss")
+          "train loss")
 print(("{:<11}" + "{:>11}" * (len(header) - 1)).format(*header))
 for run in map(Path, sys.argv[1:]):
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
@@ -164,12 +164,11 @@ for run in map(Path, sys.argv[1:]):
 
     peak = max((v for _, v in scalars.get("throughput/peak_memory_mib", [])), default=float("nan"))
     losses = [v for _, v in scalars.get("train/loss", [])] or [float("nan")]
-    val = scalars.get("val/loss", [(0, float("nan"))])[-1][1]
     row = (run.name, cfg.trainer.devices, f"{model.num_params(non_embedding=False) / 1e6:.1f}M",
            f"{matmul_params(model) / 1e6:.1f}M", f"{median('throughput/tokens_per_sec'):,.0f}",
            f"{100 * median('throughput/mfu'):.1f}%", f"{median('throughput/tflops'):.1f}",
            f"{median('throughput/step_time_ms'):.0f}", f"{peak / 1024:.2f}",
-           f"{losses[0]:.2f}>{losses[-1]:.2f}", f"{val:.3f}")
+           f"{losses[0]:.2f}>{losses[-1]:.2f}")
     print(("{:<11}" + "{:>11}" * (len(row) - 1)).format(*row))
 PY
 summary_status=$?

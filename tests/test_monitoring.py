@@ -114,12 +114,17 @@ def test_flops_per_token_matches_torch_flop_counter(ffn):
 
 def test_spikes_are_counted_against_the_moving_median():
     guard = DivergenceGuard(spike_factor=1.5, spike_window=4)
-    trainer = SimpleNamespace(strategy=SimpleNamespace(reduce_boolean_decision=lambda d, all: d))
-    logged = {}
-    module = SimpleNamespace(log=lambda name, value: logged.update({name: value}))
+    logger = RecordingLogger()
+    trainer = SimpleNamespace(
+        global_step=0,
+        log_every_n_steps=1,
+        loggers=[logger],
+        strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
+    )
     for loss in [3.0, 3.1, 2.9, 3.0, 4.4, 4.6, 3.0, 9.0]:
-        guard.on_before_backward(trainer, module, torch.tensor(loss))
-    assert logged["train/loss_spikes"] == 2.0  # 4.6 > 1.5 * 3.05, 9.0 > 1.5 * 3.7; 4.4 < 1.5 * 3.0
+        guard.on_before_backward(trainer, None, torch.tensor(loss))
+        trainer.global_step += 1
+    assert logger.metrics["train/loss_spikes"] == 2  # 4.6 > 1.5 * 3.05, 9.0 > 1.5 * 3.7, not 4.4
 
 
 @pytest.fixture(scope="module")

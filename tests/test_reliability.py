@@ -86,6 +86,11 @@ def test_unknown_config_group_option_is_one_line(group, tmp_path):
     assert result.stderr.strip() == expected
 
 
+def test_missing_mandatory_option_is_one_line(capsys):
+    line = fail_fast([], capsys, config="eval", main=evaluate)
+    assert line == "error: Missing mandatory value: ckpt_path"
+
+
 def test_damaged_checkpoints_are_rejected(tmp_path):
     path = tmp_path / "last.ckpt"
     torch.save({"weights": torch.arange(1000.0)}, path)

@@ -68,7 +68,7 @@ def friendly_errors(main):
             while isinstance(error, InstantiationException) and error.__cause__ is not None:
                 error = error.__cause__  # Hydra wraps the constructor's own error
             message = str(error.args[0]) if error.args else repr(error)
-            print(f"error: {message.splitlines()[0]}", file=sys.stderr)  # omegaconf adds details
+            print(f"error: {message.splitlines()[0]}", file=sys.stderr)  # omegaconf appends details
             sys.exit(3 if isinstance(error, TrainingDiverged) else 2)
 
     return wrapper
@@ -78,7 +78,8 @@ def launch(hydra_main: Callable[[], Any]) -> None:
     """Run a `@hydra.main` entry point. A config Hydra cannot compose (an unknown group option
     such as `data=nope`, a malformed override) fails with one `error:` line and exit status 2;
     `debug=true` or HYDRA_FULL_ERROR=1 shows Hydra's full report instead."""
-    full_report = os.environ.get("HYDRA_FULL_ERROR") == "1" or "debug=true" in sys.argv[1:]
+    debug = any(arg.lower() == "debug=true" for arg in sys.argv[1:])
+    full_report = debug or os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises what it cannot compose
     try:
         hydra_main()
@@ -111,7 +112,9 @@ def run_config_of(checkpoint: Path) -> DictConfig:
         saved = parent / ".hydra" / "config.yaml"
         if saved.is_file():
             return OmegaConf.load(saved)
-    raise FileNotFoundError(f"no .hydra/config.yaml above {checkpoint}; is it inside a run directory?")
+    raise FileNotFoundError(
+        f"no .hydra/config.yaml above {checkpoint}; is it inside a run directory?"
+    )
 
 
 def build_datamodule(data_cfg: DictConfig):

@@ -5,7 +5,7 @@ Checked in `on_before_backward`, i.e. before the step's gradients reach the weig
   schedule after N updates, none from the bad batch), log `train/diverged` = 1 at step N and raise
   `TrainingDiverged`, which the CLI prints as one `error:` line (exit status 3);
 - loss > spike_factor * median(the last `spike_window` finite losses): one more spike;
-  the running count is logged as `train/loss_spikes` with `train/loss`.
+  the running count is logged as `train/loss_spikes` at the steps `train/loss` is logged at.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class DivergenceGuard(L.Callback):
         if window_full and value > self.spike_factor * statistics.median(self.recent_losses):
             self.spikes += 1
         self.recent_losses.append(value)
-        pl_module.log("train/loss_spikes", float(self.spikes))
+        if (trainer.global_step + 1) % trainer.log_every_n_steps == 0:  # where train/loss is logged
+            log_scalars(trainer, {"train/loss_spikes": self.spikes}, trainer.global_step)
 
     def _stop(self, trainer, value: float) -> None:
         step = trainer.global_step
