@@ -92,7 +92,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = compose("train", overrides=[f"run_dir={tmp}", *args.overrides])
             minimal = compose("train", overrides=[f"run_dir={tmp}", "callbacks=minimal"])
-            monitors = [name for name in cfg.callbacks if name not in minimal.callbacks]
+            monitors = [
+                n for n, c in cfg.callbacks.items() if c is not None and n not in minimal.callbacks
+            ]
             datamodule = build_datamodule(cfg.data)
             times: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
             for repeat in range(args.repeats):

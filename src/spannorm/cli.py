@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import secrets
 import shlex
@@ -212,18 +213,30 @@ def train(cfg: DictConfig) -> float:
     except SIGTERMException:
         exit_after_stop(stopper, trainer.global_step, run_dir)
     val_loss = float(trainer.callback_metrics.get("val/loss", float("nan")))
-    baseline = datamodule.unigram_baseline()
     if trainer.is_global_zero:
-        console.print(
-            f"\nval/loss {val_loss:.4f} nats (ppl {torch.exp(torch.tensor(val_loss)):.1f}) | "
-            f"unigram baseline {baseline:.4f} nats | "
-            f"{'learned beyond unigram' if val_loss < baseline else 'NOT below the unigram baseline'}"
-        )
-        console.print(f"run dir:     {run_dir}")
-        console.print(f"tensorboard: tensorboard --logdir {run_dir}")
-        ckpt = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
-        console.print(f"checkpoint:  {ckpt or '(none)'}")
+        report_run(val_loss, datamodule.unigram_baseline(), run_dir)
     return val_loss
+
+
+def report_run(val_loss: float, baseline: float, run_dir: Path) -> None:
+    """The closing lines of a run: what it reached against a unigram model, and where it went."""
+    if math.isnan(val_loss):
+        console.print(f"\nno validation ran | unigram baseline {baseline:.4f} nats")
+    else:
+        verdict = (
+            "learned beyond unigram" if val_loss < baseline else "NOT below the unigram baseline"
+        )
+        console.print(
+            f"\nval/loss {val_loss:.4f} nats (ppl {math.exp(val_loss):.1f}) | "
+            f"unigram baseline {baseline:.4f} nats | {verdict}"
+        )
+    checkpoints = run_dir / "checkpoints"
+    last = checkpoints / "last.ckpt"
+    console.print(f"run dir:     {run_dir}")
+    console.print(f"tensorboard: tensorboard --logdir {run_dir}")
+    console.print(
+        f"checkpoint:  {last if last.exists() else checkpoints if checkpoints.exists() else '(none)'}"
+    )
 
 
 def load_model(ckpt_path: str):

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -22,9 +23,10 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-from spannorm.callbacks.throughput import measure_matmul_flops
-from spannorm.cli import prepare_data
+from spannorm.callbacks.throughput import measure_matmul_flops, peak_memory_mib
+from spannorm.cli import build_datamodule, prepare_data
 from spannorm.data.shakespeare import ensure_shakespeare
 
 
@@ -141,6 +143,24 @@ def time_bare(loop: BareLoop, batches: Iterator, warmup: int, steps: int) -> Run
             periods.append(time.perf_counter() - start)
             waits.append(fetched - start)
     return RunTiming(sum(periods), statistics.median(periods), sum(waits), statistics.median(waits))
+
+
+def bare_run(train_cfg: dict, warmup: int, steps: int) -> dict:
+    """The bare loop as train.py would train `train_cfg` (a resolved train config): the same
+    seed, model, DataLoader, optimizer, schedule and clipping. Meant for a fresh process, so that
+    it starts as train.py does; returns its `RunTiming` fields and the process's peak RSS (MiB)."""
+    cfg = OmegaConf.create(train_cfg)
+    quiet_lightning()
+    datamodule = build_datamodule(cfg.data)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    loop = BareLoop(instantiate(cfg.model), warmup + steps, cfg.trainer.gradient_clip_val)
+    timing = time_bare(loop, endless(datamodule.train_dataloader()), warmup, steps)
+    return {**vars(timing), "peak_rss_mib": peak_memory_mib(torch.device("cpu"))}
+
+
+def quiet_lightning() -> None:
+    """Lightning's info lines (one set per Trainer that BareLoop makes) off."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
 
 def time_placements(

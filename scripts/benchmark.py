@@ -1,0 +1,278 @@
+"""Training speed on CPU (conf/benchmark.yaml; the results are summarized in docs/performance.md).
+
+(a) train.py against a bare loop, in `bench.rounds` rounds (which arm goes first alternates):
+    - train.py runs as a user runs it, in a subprocess, for warmup_steps + timed_steps steps with
+      the default callbacks, logging and TensorBoard logger, plus `StepClock`. Its clock: from the
+      end of step `warmup_steps` to the end of the last step, less validation;
+    - the bare loop (`bare_run`, in a fresh process too) trains the same model from the same seed
+      on the same DataLoader with the LanguageModel's own loss, optimizer and schedule and the
+      trainer's clipping. Its clock: the sum over the timed steps of next(batch) + the step.
+    Report: tokens/s of each and their ratio per round, medians over rounds.
+(b) fwd+bwd+optimizer step time of every placement against prenorm, interleaved on batches held in
+    memory: the median over rounds of (median step of the placement / prenorm's, same round).
+(c) the data path built from nothing in a temporary data_dir, stage by stage, and loaded from the
+    cache; the share of step time spent waiting for the next batch in both arms of (a).
+(d) the peak RSS of the processes of (a) and the MFU of both arms, against the fastest fp32
+    matmul measured here; FLOPs per token = 6 N + 12 L d T (`spannorm.callbacks.throughput`).
+Writes <bench.output_dir>/cpu-<date>.json and .md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import multiprocessing
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from spannorm.analysis.benchmark import (
+    BareLoop,
+    StepClock,
+    bare_run,
+    matmul_peak,
+    quiet_lightning,
+    run_logged,
+    template_timing,
+    time_data_path,
+    time_placements,
+)
+from spannorm.callbacks.throughput import flops_per_token
+from spannorm.cli import UsageError, build_datamodule, console, friendly_errors
+from spannorm.model import PLACEMENTS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def check_config(cfg: DictConfig) -> None:
+    bench = cfg.bench
+    if cfg.trainer.accelerator != "cpu" or str(cfg.trainer.precision) not in ("32-true", "32"):
+        raise UsageError("scripts/benchmark.py times the CPU fp32 path: use trainer=cpu")
+    if bench.warmup_steps < 1 or bench.timed_steps < 2 or bench.rounds < 1:
+        raise UsageError("bench.warmup_steps >= 1, bench.timed_steps >= 2 and bench.rounds >= 1")
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def train_script_run(cfg: DictConfig, workdir: Path, tag: str) -> dict:
+    """One timed train.py run with the command line's train overrides."""
+    bench = cfg.bench
+    clock = workdir / f"clock-{tag}.json"
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("bench.")]
+    command = [
+        sys.executable,
+        str(REPO / "train.py"),
+        *overrides,
+        f"trainer.max_steps={bench.warmup_steps + bench.timed_steps}",
+        f"hydra.run.dir={workdir / f'run-{tag}'}",
+        f"+callbacks.step_clock._target_={StepClock.__module__}.{StepClock.__name__}",
+        f"+callbacks.step_clock.path={clock}",
+    ]
+    env = {**os.environ, **({"TTY_COMPATIBLE": "1"} if bench.terminal else {})}
+    peak_rss = run_logged(command, workdir / f"run-{tag}.log", env)
+    timing = template_timing(json.loads(clock.read_text()), bench.warmup_steps, bench.timed_steps)
+    return {**vars(timing), "peak_rss_mib": peak_rss}
+
+
+def bare_loop_run(cfg: DictConfig) -> dict:
+    """One timed bare-loop run in a fresh process, as train.py gets."""
+    train_cfg = OmegaConf.to_container(cfg, resolve=True)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as process:
+        run = process.submit(bare_run, train_cfg, cfg.bench.warmup_steps, cfg.bench.timed_steps)
+        return run.result()
+
+
+def compare_with_bare_loop(cfg: DictConfig, tokens_per_step: int) -> dict:
+    """(a): the rounds, each arm's tokens/s and wait share, and the ratio."""
+    bench = cfg.bench
+    rounds = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for index in range(bench.rounds):
+            arms = ("train.py", "bare") if index % 2 == 0 else ("bare", "train.py")
+            measured = {"load_1min": load()}
+            for arm in arms:
+                if arm == "train.py":
+                    measured[arm] = train_script_run(cfg, Path(tmp), str(index))
+                else:
+                    measured[arm] = bare_loop_run(cfg)
+            for arm in arms:
+                run = measured[arm]
+                run["tokens_per_s"] = tokens_per_step * bench.timed_steps / run["seconds"]
+                run["wait_share"] = run["wait_seconds"] / run["seconds"]
+            measured["ratio"] = (
+                measured["train.py"]["tokens_per_s"] / measured["bare"]["tokens_per_s"]
+            )
+            rounds.append(measured)
+            console.print(
+                f"round {index}: train.py {measured['train.py']['tokens_per_s']:.0f} tok/s, "
+                f"bare {measured['bare']['tokens_per_s']:.0f} tok/s, ratio {measured['ratio']:.3f} "
+                f"(load {measured['load_1min']})"
+            )
+    summary = {
+        f"{arm}_{key}": statistics.median(r[arm][key] for r in rounds)
+        for arm in ("train.py", "bare")
+        for key in ("tokens_per_s", "median_step", "wait_share", "median_wait")
+    }
+    summary["ratio"] = statistics.median(r["ratio"] for r in rounds)
+    for arm in ("train.py", "bare"):
+        summary[f"{arm}_peak_rss_mib"] = max(r[arm]["peak_rss_mib"] for r in rounds)
+    return {"rounds": rounds, "summary": summary}
+
+
+def compare_placements(cfg: DictConfig, datamodule) -> dict:
+    """(b): per placement, the median step time and its ratio to prenorm's."""
+    bench = cfg.bench
+    names = list(bench.placements or PLACEMENTS)
+    names = names if "prenorm" in names else ["prenorm", *names]
+    batches = list(itertools.islice(datamodule.train_dataloader(), 8))
+
+    def make_loop(name: str) -> BareLoop:
+        L.seed_everything(cfg.seed, verbose=False)
+        steps = 1 + bench.placement_rounds * bench.placement_steps
+        return BareLoop(instantiate(cfg.model, norm=name), steps, cfg.trainer.gradient_clip_val)
+
+    medians = time_placements(
+        make_loop, names, batches, bench.placement_rounds, bench.placement_steps
+    )
+    prenorm = medians["prenorm"]
+    return {
+        name: {
+            "median_step": statistics.median(times),
+            "ratio": statistics.median(t / p for t, p in zip(times, prenorm, strict=True)),
+            "round_medians": times,
+        }
+        for name, times in medians.items()
+    }
+
+
+def markdown(results: dict) -> str:
+    """The results as markdown tables, with the command, the machine and the load."""
+    training, summary = results["training"], results["training"]["summary"]
+    peak = max(results["matmul_flops"].values())
+    lines = [
+        f"Command: `{results['command']}`  ",
+        f"Machine: {results['machine']}, torch {results['torch']} ({results['threads']} threads); "
+        f"1-minute load average {results['load_start']} at the start, {results['load_end']} at "
+        f"the end; {results['started']}, {results['minutes']:.1f} min.  ",
+        f"Shape: {results['shape']}.",
+        "",
+        "(a) train.py against the bare loop (tokens/s over the timed steps)",
+        "",
+        "| round | load | train.py tok/s | bare tok/s | ratio |",
+        "|---:|---:|---:|---:|---:|",
+        *(
+            f"| {i} | {r['load_1min']} | {r['train.py']['tokens_per_s']:.0f} "
+            f"| {r['bare']['tokens_per_s']:.0f} | {r['ratio']:.3f} |"
+            for i, r in enumerate(training["rounds"])
+        ),
+        f"| median | | {summary['train.py_tokens_per_s']:.0f} | {summary['bare_tokens_per_s']:.0f} "
+        f"| **{summary['ratio']:.3f}** |",
+        "",
+        "(b) step time (fwd+bwd+optimizer) per placement",
+        "",
+        "| placement | median step (ms) | / prenorm |",
+        "|---|---:|---:|",
+        *(
+            f"| {name} | {1e3 * p['median_step']:.1f} | {p['ratio']:.3f} |"
+            for name, p in results["placements"].items()
+        ),
+        "",
+        "(c) data path (seconds) and the wait for the next batch",
+        "",
+        "| stage | s |",
+        "|---|---:|",
+        *(
+            f"| {stage} | {'-' if seconds is None else f'{seconds:.2f}'} |"
+            for stage, seconds in results.get("data", {}).items()
+        ),
+        "",
+        "| arm | median step (ms) | median wait (ms) | wait share of the timed steps |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {arm} | {1e3 * summary[f'{arm}_median_step']:.1f} "
+            f"| {1e3 * summary[f'{arm}_median_wait']:.2f} "
+            f"| {100 * summary[f'{arm}_wait_share']:.2f}% |"
+            for arm in ("train.py", "bare")
+        ),
+        "",
+        "(d) memory and model FLOPs utilization",
+        "",
+        *(
+            f"- peak RSS of the {arm} runs: {summary[f'{arm}_peak_rss_mib']:.0f} MiB"
+            for arm in ("train.py", "bare")
+        ),
+        "- fp32 matmul GFLOP/s by size: "
+        + ", ".join(f"{n}: {flops / 1e9:.0f}" for n, flops in results["matmul_flops"].items()),
+        f"- FLOPs per token 6N + 12LdT = {results['flops_per_token'] / 1e6:.2f} M",
+        *(
+            f"- MFU {arm}: "
+            f"{100 * summary[f'{arm}_tokens_per_s'] * results['flops_per_token'] / peak:.1f}%"
+            for arm in ("train.py", "bare")
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
+@friendly_errors
+def main(cfg: DictConfig) -> None:
+    check_config(cfg)
+    quiet_lightning()
+    bench = cfg.bench
+    started = time.perf_counter()
+    results = {
+        "command": shlex.join(["python", "scripts/benchmark.py", *sys.argv[1:]]),
+        "machine": bench.machine or f"{os.cpu_count()}-core {platform.machine()} CPU",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "load_start": load(),
+        "shape": (
+            f"{cfg.model.norm} d={cfg.model.d_model} L={cfg.model.n_layers} "
+            f"heads={cfg.model.n_heads}, batch {cfg.data.batch_size} x seq {cfg.data.seq_len}, "
+            f"{cfg.data.tokenizer} vocab {cfg.data.vocab_size}; {bench.rounds} rounds of "
+            f"{bench.warmup_steps} + {bench.timed_steps} steps"
+        ),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    results["matmul_flops"] = matmul_peak(bench.matmul_sizes)
+    console.print(f"matmul peak {max(results['matmul_flops'].values()) / 1e9:.0f} GFLOP/s")
+    if bench.cold_data:
+        with tempfile.TemporaryDirectory() as data_dir:
+            results["data"] = time_data_path(cfg.data, Path(data_dir), bench.cached_repeats)
+        console.print(f"data path {results['data']}")
+    datamodule = build_datamodule(cfg.data)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    results["training"] = compare_with_bare_loop(cfg, tokens_per_step)
+    results["flops_per_token"] = flops_per_token(instantiate(cfg.model).model, cfg.data.seq_len)
+    results["placements"] = compare_placements(cfg, datamodule)
+    results["load_end"] = load()
+    results["minutes"] = (time.perf_counter() - started) / 60
+    out = Path(bench.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"cpu-{datetime.date.today().isoformat()}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    report = markdown(results)
+    stem.with_suffix(".md").write_text(report)
+    console.print(report, markup=False)
+
+
+if __name__ == "__main__":
+    main()
