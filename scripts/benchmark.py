@@ -1,19 +1,21 @@
 """Training speed on CPU (conf/benchmark.yaml; the results are summarized in docs/performance.md).
 
-(a) train.py against a bare loop, in `bench.rounds` rounds (which arm goes first alternates):
-    - train.py runs as a user runs it, in a subprocess, for warmup_steps + timed_steps steps with
-      the default callbacks, logging and TensorBoard logger, plus `StepClock`. Its clock: from the
-      end of step `warmup_steps` to the end of the last step, less validation;
-    - the bare loop (`bare_run`, in a fresh process too) trains the same model from the same seed
-      on the same DataLoader with the LanguageModel's own loss, optimizer and schedule and the
-      trainer's clipping. Its clock: the sum over the timed steps of next(batch) + the step.
-    Report: tokens/s of each and their ratio per round, medians over rounds.
+(a) train.py against a bare loop, in `bench.rounds` rounds (the arms' order rotates each round),
+    every run in a fresh process:
+    - train.py runs as a user runs it, for warmup_steps + timed_steps steps with the default
+      callbacks, logging and TensorBoard logger, plus `StepClock`. Its clock: from the end of
+      step `warmup_steps` to the end of the last step, less validation;
+    - the bare loop (`bare_run`) trains the same model from the same seed on the same DataLoader
+      with the LanguageModel's own setup, loss, optimizer and schedule and the trainer's clipping.
+      Its clock: the sum over the timed steps of next(batch) + the step;
+    - with `bench.malloc_ab`, the bare loop again without `setup` (glibc's malloc left as is).
+    Reported: tokens/s per arm and round, the ratios per round, medians over rounds.
 (b) fwd+bwd+optimizer step time of every placement against prenorm, interleaved on batches held in
     memory: the median over rounds of (median step of the placement / prenorm's, same round).
 (c) the data path built from nothing in a temporary data_dir, stage by stage, and loaded from the
-    cache; the share of step time spent waiting for the next batch in both arms of (a).
-(d) the peak RSS of the processes of (a) and the MFU of both arms, against the fastest fp32
-    matmul measured here; FLOPs per token = 6 N + 12 L d T (`spannorm.callbacks.throughput`).
+    cache; the share of the timed steps spent waiting for the next batch in each arm of (a).
+(d) the peak RSS of the processes of (a) and the MFU of each arm, against the fastest fp32 matmul
+    measured here; FLOPs per token = 6 N + 12 L d T (`spannorm.callbacks.throughput`).
 Writes <bench.output_dir>/cpu-<date>.json and .md.
 """
 
@@ -56,6 +58,8 @@ from spannorm.cli import UsageError, build_datamodule, console, friendly_errors
 from spannorm.model import PLACEMENTS
 
 REPO = Path(__file__).resolve().parents[1]
+MALLOC_DEFAULTS = "bare, malloc defaults"
+RATIOS = {"train.py / bare": ("train.py", "bare"), "malloc setting": ("bare", MALLOC_DEFAULTS)}
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -90,49 +94,60 @@ def train_script_run(cfg: DictConfig, workdir: Path, tag: str) -> dict:
     return {**vars(timing), "peak_rss_mib": peak_rss}
 
 
-def bare_loop_run(cfg: DictConfig) -> dict:
+def bare_loop_run(cfg: DictConfig, fit_setup: bool) -> dict:
     """One timed bare-loop run in a fresh process, as train.py gets."""
     train_cfg = OmegaConf.to_container(cfg, resolve=True)
+    steps = (cfg.bench.warmup_steps, cfg.bench.timed_steps)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as process:
-        run = process.submit(bare_run, train_cfg, cfg.bench.warmup_steps, cfg.bench.timed_steps)
-        return run.result()
+        return process.submit(bare_run, train_cfg, *steps, fit_setup).result()
 
 
 def compare_with_bare_loop(cfg: DictConfig, tokens_per_step: int) -> dict:
-    """(a): the rounds, each arm's tokens/s and wait share, and the ratio."""
+    """(a): per round and arm, the timing, tokens/s and wait share; the ratios; the medians."""
     bench = cfg.bench
     rounds = []
     with tempfile.TemporaryDirectory() as tmp:
+        arms = {
+            "train.py": lambda index: train_script_run(cfg, Path(tmp), str(index)),
+            "bare": lambda index: bare_loop_run(cfg, fit_setup=True),
+        }
+        if bench.malloc_ab:
+            arms[MALLOC_DEFAULTS] = lambda index: bare_loop_run(cfg, fit_setup=False)
+        names = list(arms)
         for index in range(bench.rounds):
-            arms = ("train.py", "bare") if index % 2 == 0 else ("bare", "train.py")
             measured = {"load_1min": load()}
-            for arm in arms:
-                if arm == "train.py":
-                    measured[arm] = train_script_run(cfg, Path(tmp), str(index))
-                else:
-                    measured[arm] = bare_loop_run(cfg)
-            for arm in arms:
-                run = measured[arm]
+            shift = index % len(names)
+            for name in [*names[shift:], *names[:shift]]:
+                run = arms[name](index)
                 run["tokens_per_s"] = tokens_per_step * bench.timed_steps / run["seconds"]
                 run["wait_share"] = run["wait_seconds"] / run["seconds"]
-            measured["ratio"] = (
-                measured["train.py"]["tokens_per_s"] / measured["bare"]["tokens_per_s"]
-            )
+                measured[name] = run
+            measured["ratios"] = {
+                ratio: measured[a]["tokens_per_s"] / measured[b]["tokens_per_s"]
+                for ratio, (a, b) in RATIOS.items()
+                if b in measured
+            }
             rounds.append(measured)
             console.print(
-                f"round {index}: train.py {measured['train.py']['tokens_per_s']:.0f} tok/s, "
-                f"bare {measured['bare']['tokens_per_s']:.0f} tok/s, ratio {measured['ratio']:.3f} "
-                f"(load {measured['load_1min']})"
+                f"round {index} (load {measured['load_1min']}): "
+                + ", ".join(f"{name} {measured[name]['tokens_per_s']:.0f} tok/s" for name in names)
+                + "".join(f", {ratio} {value:.3f}" for ratio, value in measured["ratios"].items())
             )
     summary = {
-        f"{arm}_{key}": statistics.median(r[arm][key] for r in rounds)
-        for arm in ("train.py", "bare")
-        for key in ("tokens_per_s", "median_step", "wait_share", "median_wait")
+        name: {
+            **{
+                key: statistics.median(r[name][key] for r in rounds)
+                for key in ("tokens_per_s", "median_step", "wait_share", "median_wait")
+            },
+            "peak_rss_mib": max(r[name]["peak_rss_mib"] for r in rounds),
+        }
+        for name in names
     }
-    summary["ratio"] = statistics.median(r["ratio"] for r in rounds)
-    for arm in ("train.py", "bare"):
-        summary[f"{arm}_peak_rss_mib"] = max(r[arm]["peak_rss_mib"] for r in rounds)
-    return {"rounds": rounds, "summary": summary}
+    ratios = {
+        ratio: statistics.median(r["ratios"][ratio] for r in rounds)
+        for ratio in rounds[0]["ratios"]
+    }
+    return {"rounds": rounds, "arms": summary, "ratios": ratios}
 
 
 def compare_placements(cfg: DictConfig, datamodule) -> dict:
@@ -163,7 +178,8 @@ def compare_placements(cfg: DictConfig, datamodule) -> dict:
 
 def markdown(results: dict) -> str:
     """The results as markdown tables, with the command, the machine and the load."""
-    training, summary = results["training"], results["training"]["summary"]
+    training = results["training"]
+    names, ratios = list(training["arms"]), list(training["ratios"])
     peak = max(results["matmul_flops"].values())
     lines = [
         f"Command: `{results['command']}`  ",
@@ -172,17 +188,25 @@ def markdown(results: dict) -> str:
         f"the end; {results['started']}, {results['minutes']:.1f} min.  ",
         f"Shape: {results['shape']}.",
         "",
-        "(a) train.py against the bare loop (tokens/s over the timed steps)",
+        "(a) tokens/s over the timed steps",
         "",
-        "| round | load | train.py tok/s | bare tok/s | ratio |",
-        "|---:|---:|---:|---:|---:|",
+        "| round | load | " + " | ".join([*names, *ratios]) + " |",
+        "|---:|---:|" + "---:|" * (len(names) + len(ratios)),
         *(
-            f"| {i} | {r['load_1min']} | {r['train.py']['tokens_per_s']:.0f} "
-            f"| {r['bare']['tokens_per_s']:.0f} | {r['ratio']:.3f} |"
+            f"| {i} | {r['load_1min']} | "
+            + " | ".join(
+                [f"{r[n]['tokens_per_s']:.0f}" for n in names]
+                + [f"{r['ratios'][k]:.3f}" for k in ratios]
+            )
+            + " |"
             for i, r in enumerate(training["rounds"])
         ),
-        f"| median | | {summary['train.py_tokens_per_s']:.0f} | {summary['bare_tokens_per_s']:.0f} "
-        f"| **{summary['ratio']:.3f}** |",
+        "| median | | "
+        + " | ".join(
+            [f"{training['arms'][n]['tokens_per_s']:.0f}" for n in names]
+            + [f"**{training['ratios'][k]:.3f}**" for k in ratios]
+        )
+        + " |",
         "",
         "(b) step time (fwd+bwd+optimizer) per placement",
         "",
@@ -193,7 +217,7 @@ def markdown(results: dict) -> str:
             for name, p in results["placements"].items()
         ),
         "",
-        "(c) data path (seconds) and the wait for the next batch",
+        "(c) data path (seconds)",
         "",
         "| stage | s |",
         "|---|---:|",
@@ -202,29 +226,21 @@ def markdown(results: dict) -> str:
             for stage, seconds in results.get("data", {}).items()
         ),
         "",
-        "| arm | median step (ms) | median wait (ms) | wait share of the timed steps |",
-        "|---|---:|---:|---:|",
+        "(a, c, d) per arm: medians over rounds; peak RSS: the largest process; MFU from the "
+        "median tokens/s",
+        "",
+        "| arm | step (ms) | wait for the batch (ms) | wait share | peak RSS (MiB) | MFU |",
+        "|---|---:|---:|---:|---:|---:|",
         *(
-            f"| {arm} | {1e3 * summary[f'{arm}_median_step']:.1f} "
-            f"| {1e3 * summary[f'{arm}_median_wait']:.2f} "
-            f"| {100 * summary[f'{arm}_wait_share']:.2f}% |"
-            for arm in ("train.py", "bare")
+            f"| {name} | {1e3 * arm['median_step']:.1f} | {1e3 * arm['median_wait']:.2f} "
+            f"| {100 * arm['wait_share']:.2f}% | {arm['peak_rss_mib']:.0f} "
+            f"| {100 * arm['tokens_per_s'] * results['flops_per_token'] / peak:.1f}% |"
+            for name, arm in training["arms"].items()
         ),
         "",
-        "(d) memory and model FLOPs utilization",
-        "",
-        *(
-            f"- peak RSS of the {arm} runs: {summary[f'{arm}_peak_rss_mib']:.0f} MiB"
-            for arm in ("train.py", "bare")
-        ),
-        "- fp32 matmul GFLOP/s by size: "
-        + ", ".join(f"{n}: {flops / 1e9:.0f}" for n, flops in results["matmul_flops"].items()),
-        f"- FLOPs per token 6N + 12LdT = {results['flops_per_token'] / 1e6:.2f} M",
-        *(
-            f"- MFU {arm}: "
-            f"{100 * summary[f'{arm}_tokens_per_s'] * results['flops_per_token'] / peak:.1f}%"
-            for arm in ("train.py", "bare")
-        ),
+        "fp32 matmul GFLOP/s by size: "
+        + ", ".join(f"{n}: {flops / 1e9:.0f}" for n, flops in results["matmul_flops"].items())
+        + f"; FLOPs per token 6N + 12LdT = {results['flops_per_token'] / 1e6:.2f} M.",
         "",
     ]
     return "\n".join(lines)
@@ -257,12 +273,11 @@ def main(cfg: DictConfig) -> None:
     if bench.cold_data:
         with tempfile.TemporaryDirectory() as data_dir:
             results["data"] = time_data_path(cfg.data, Path(data_dir), bench.cached_repeats)
-        console.print(f"data path {results['data']}")
-    datamodule = build_datamodule(cfg.data)
+        console.print(f"data path (s): {results['data']}")
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    results["training"] = compare_with_bare_loop(cfg, tokens_per_step)
     results["flops_per_token"] = flops_per_token(instantiate(cfg.model).model, cfg.data.seq_len)
-    results["placements"] = compare_placements(cfg, datamodule)
+    results["training"] = compare_with_bare_loop(cfg, tokens_per_step)
+    results["placements"] = compare_placements(cfg, build_datamodule(cfg.data))
     results["load_end"] = load()
     results["minutes"] = (time.perf_counter() - started) / 60
     out = Path(bench.output_dir)

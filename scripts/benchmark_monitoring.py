@@ -1,12 +1,17 @@
-"""Cost of the monitoring callbacks: mean training-step time with them on vs off.
+"""Cost of the monitoring callbacks: training-step time with them on vs off.
 
-"On" adds every callback that conf/callbacks/default.yaml has beyond conf/callbacks/minimal.yaml,
-at its configured interval; "off" adds none. Both arms train the same model (same seed) on the same
-data with the TensorBoard logger, no validation, no checkpoints and no progress bar. Each repeat
-runs both arms (alternating which goes first); a run's step time is the time its `--steps` steps
-after `--warmup` took, divided by `--steps`, on two clocks: wall time, and the process's CPU time
-(all its threads; on a shared machine it is far less disturbed by other processes than wall time).
-Prints a markdown table of the medians over repeats, with the command and the machine.
+"On" adds every non-null callback that conf/callbacks/default.yaml has beyond
+conf/callbacks/minimal.yaml, at its configured interval; "off" adds none. Both arms train the same
+model (same seed) on the same data with the TensorBoard logger, no validation, no checkpoints and
+no progress bar. Each repeat runs both arms back to back (alternating which goes first). A step's
+time runs from the end of the previous step to the end of its own, on two clocks: wall time, and
+the process's CPU time (all its threads, the image-drawing one included).
+
+Per run: the mean step time over the `--steps` steps after `--warmup` (what training pays,
+logging steps included) and the median step time (a plain step: what monitoring costs on every
+step). Overhead = median over repeats of the paired ratio on/off - 1, so that a load change on a
+shared machine between repeats cancels; mean-overhead minus median-overhead is the share of the
+logging steps. Prints a markdown table with the command and the machine.
 
     .venv/bin/python scripts/benchmark_monitoring.py --machine "2-core shared CPU, no GPU"
     .venv/bin/python scripts/benchmark_monitoring.py model.n_layers=16   # Hydra overrides
@@ -21,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import lightning as L
@@ -31,20 +37,17 @@ from hydra.utils import instantiate
 from spannorm.cli import build_datamodule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+CLOCKS = {"wall": time.perf_counter, "process CPU": time.process_time}
 
 
 class StepTimer(L.Callback):
-    """Wall and process CPU time from the end of step `warmup` to the end of the last step."""
+    """Each clock's reading at the end of every training step."""
 
-    def __init__(self, warmup: int):
-        self.warmup = warmup
-        self.start = self.end = (0.0, 0.0)
+    def __init__(self):
+        self.readings: list[dict[str, float]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        now = (time.perf_counter(), time.process_time())
-        if trainer.global_step == self.warmup:
-            self.start = now
-        self.end = now
+        self.readings.append({clock: read() for clock, read in CLOCKS.items()})
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,10 +66,11 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def step_seconds(cfg, datamodule, callbacks: list[L.Callback], args, log_dir: str) -> tuple:
-    """Train a fresh model for warmup + steps steps; the (wall, CPU) seconds per timed step."""
+def step_times(cfg, datamodule, callbacks: list[L.Callback], args, log_dir: str) -> dict:
+    """Train a fresh model for warmup + steps steps; {clock: {"mean": s, "median": s}} of the
+    timed steps."""
     L.seed_everything(cfg.seed, verbose=False)
-    timer = StepTimer(args.warmup)
+    timer = StepTimer()
     trainer = instantiate(
         cfg.trainer,
         max_steps=args.warmup + args.steps,
@@ -78,9 +82,26 @@ def step_seconds(cfg, datamodule, callbacks: list[L.Callback], args, log_dir: st
         enable_model_summary=False,
     )
     trainer.fit(instantiate(cfg.model), datamodule=datamodule)
-    return tuple(
-        (end - start) / args.steps for start, end in zip(timer.start, timer.end, strict=True)
-    )
+    timed = timer.readings[args.warmup - 1 :]
+    result = {}
+    for clock in CLOCKS:
+        durations = [after[clock] - before[clock] for before, after in pairwise(timed)]
+        result[clock] = {"mean": statistics.mean(durations), "median": statistics.median(durations)}
+    return result
+
+
+def report(times: dict[str, list[dict]], clock: str) -> str:
+    """One table row per clock: both arms' medians over repeats and the paired overheads."""
+    cells = []
+    for statistic in ("mean", "median"):
+        off, on = ([run[clock][statistic] for run in times[arm]] for arm in ("off", "on"))
+        ratio = statistics.median(b / a for a, b in zip(off, on, strict=True))
+        cells += [
+            f"{1e3 * statistics.median(off):.1f}",
+            f"{1e3 * statistics.median(on):.1f}",
+            f"{100 * (ratio - 1):+.2f}%",
+        ]
+    return f"| {clock} | " + " | ".join(cells) + " |"
 
 
 def main() -> None:
@@ -96,37 +117,31 @@ def main() -> None:
                 n for n, c in cfg.callbacks.items() if c is not None and n not in minimal.callbacks
             ]
             datamodule = build_datamodule(cfg.data)
-            times: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
+            times: dict[str, list[dict]] = {"off": [], "on": []}
             for repeat in range(args.repeats):
                 for arm in ("off", "on") if repeat % 2 == 0 else ("on", "off"):
                     callbacks = (
                         [instantiate(cfg.callbacks[n]) for n in monitors] if arm == "on" else []
                     )
-                    seconds = step_seconds(cfg, datamodule, callbacks, args, f"{tmp}/{arm}{repeat}")
-                    times[arm].append(seconds)
+                    run = step_times(cfg, datamodule, callbacks, args, f"{tmp}/{arm}{repeat}")
+                    times[arm].append(run)
                     print(
-                        f"repeat {repeat} monitoring {arm}: wall, CPU ms/step "
-                        f"{1e3 * seconds[0]:.1f}, {1e3 * seconds[1]:.1f}",
+                        f"repeat {repeat} monitoring {arm}: mean, median ms/step "
+                        + "; ".join(
+                            f"{clock} {1e3 * t['mean']:.1f}, {1e3 * t['median']:.1f}"
+                            for clock, t in run.items()
+                        ),
                         flush=True,
                     )
     model = cfg.model
-    rows = []
-    for clock, name in enumerate(("wall", "process CPU")):
-        off, on = ([run[clock] for run in times[arm]] for arm in ("off", "on"))
-        overhead = 100 * (statistics.median(on) / statistics.median(off) - 1)
-        rows.append(
-            f"| {name} | {1e3 * statistics.median(off):.1f} | {1e3 * statistics.median(on):.1f} "
-            f"| {overhead:+.2f}% | {', '.join(f'{1e3 * t:.0f}' for t in off)} "
-            f"| {', '.join(f'{1e3 * t:.0f}' for t in on)} |"
-        )
     print(
-        f"\n`{shlex.join([Path(sys.executable).name, *sys.argv])}` on {args.machine}, "
-        f"torch {torch.__version__}, {args.threads} thread(s); model d={model.d_model} "
-        f"L={model.n_layers} heads={model.n_heads}, batch {cfg.data.batch_size} x seq "
-        f"{cfg.data.seq_len}, {cfg.data.tokenizer} vocab {model.vocab_size}; monitors: "
-        f"{', '.join(monitors)}; {args.repeats} repeats of {args.steps} timed steps\n\n"
-        "| clock | off: median ms/step | on: median ms/step | overhead | off runs | on runs |\n"
-        "|---|---|---|---|---|---|\n" + "\n".join(rows)
+        f"\n`{shlex.join(['python', *sys.argv])}` on {args.machine}, torch {torch.__version__}, "
+        f"{args.threads} thread(s); model d={model.d_model} L={model.n_layers} "
+        f"heads={model.n_heads}, batch {cfg.data.batch_size} x seq {cfg.data.seq_len}, "
+        f"{cfg.data.tokenizer} vocab {model.vocab_size}; monitors: {', '.join(monitors)}; "
+        f"{args.repeats} repeats of {args.steps} timed steps\n\n"
+        "| clock | mean ms/step off | on | overhead | median ms/step off | on | overhead |\n"
+        "|---|---|---|---|---|---|---|\n" + "\n".join(report(times, clock) for clock in CLOCKS)
     )
 
 

@@ -207,7 +207,8 @@ def test_nan_loss_stops_with_one_line_error_and_a_loadable_last_good_checkpoint(
     assert len(errors) == 1 and "loss is nan at step 7" in errors[0], errors
     checkpoint = tmp_path / "checkpoints" / "last-good-step000007.ckpt"
     assert str(checkpoint) in errors[0]
-    assert torch.load(checkpoint, weights_only=False)["global_step"] == 7
+    saved = torch.load(checkpoint, weights_only=False)
+    assert saved["global_step"] == 7 and saved["callbacks"]["DivergenceGuard"]["spikes"] == 0
     weights = LanguageModel.load_from_checkpoint(checkpoint, map_location="cpu").state_dict()
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert read_scalars(tmp_path)["train/diverged"] == [(7, 1.0)]

@@ -102,17 +102,24 @@ def endless(loader: Iterable) -> Iterator:
 
 class BareLoop:
     """One optimizer step of `lm` per call, without Lightning: loss (+ the MoE auxiliary loss),
-    backward, gradient-norm clipping at `clip` (none if falsy), AdamW step, schedule step."""
+    backward, gradient-norm clipping at `clip` (none if falsy), AdamW step, schedule step.
+    `lm` is prepared as `Trainer.fit` prepares it: `setup("fit")` (unless `fit_setup` is False:
+    on CPU that leaves glibc's malloc as it was), then `configure_optimizers()`."""
 
-    def __init__(self, lm: L.LightningModule, max_steps: int, clip: float | None) -> None:
-        # configure_optimizers reads the step count off the trainer, so lend it one briefly
+    def __init__(
+        self, lm: L.LightningModule, max_steps: int, clip: float | None, fit_setup: bool = True
+    ) -> None:
+        # both hooks read the trainer (the device, the step count), so lend it one briefly
         lm.trainer = L.Trainer(
+            accelerator="cpu",
             max_steps=max_steps,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
         )
+        if fit_setup:
+            lm.setup("fit")
         configured = lm.configure_optimizers()
         lm.trainer = None
         self.lm, self.clip = lm, clip
@@ -145,15 +152,17 @@ def time_bare(loop: BareLoop, batches: Iterator, warmup: int, steps: int) -> Run
     return RunTiming(sum(periods), statistics.median(periods), sum(waits), statistics.median(waits))
 
 
-def bare_run(train_cfg: dict, warmup: int, steps: int) -> dict:
+def bare_run(train_cfg: dict, warmup: int, steps: int, fit_setup: bool = True) -> dict:
     """The bare loop as train.py would train `train_cfg` (a resolved train config): the same
-    seed, model, DataLoader, optimizer, schedule and clipping. Meant for a fresh process, so that
-    it starts as train.py does; returns its `RunTiming` fields and the process's peak RSS (MiB)."""
+    seed, model, DataLoader, optimizer, schedule and clipping (`fit_setup`: see BareLoop). Meant
+    for a fresh process, so that it starts as train.py does; returns its `RunTiming` fields and
+    the process's peak RSS (MiB)."""
     cfg = OmegaConf.create(train_cfg)
     quiet_lightning()
     datamodule = build_datamodule(cfg.data)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    loop = BareLoop(instantiate(cfg.model), warmup + steps, cfg.trainer.gradient_clip_val)
+    clip = cfg.trainer.gradient_clip_val
+    loop = BareLoop(instantiate(cfg.model), warmup + steps, clip, fit_setup)
     timing = time_bare(loop, endless(datamodule.train_dataloader()), warmup, steps)
     return {**vars(timing), "peak_rss_mib": peak_memory_mib(torch.device("cpu"))}
 

@@ -6,7 +6,8 @@
 - `divergence.DivergenceGuard`     stops on a non-finite loss, counts loss spikes (`train/`)
 - `hparams.HParamsSummary`         key config + final val loss in TensorBoard's HPARAMS tab
 
-This module imports no Lightning, so the CLI can catch `TrainingDiverged` cheaply.
+This module holds what they share and imports no Lightning, so that the CLI can catch
+`TrainingDiverged` without loading it.
 """
 
 from __future__ import annotations

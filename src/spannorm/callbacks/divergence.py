@@ -41,8 +41,17 @@ class DivergenceGuard(L.Callback):
         if window_full and value > self.spike_factor * statistics.median(self.recent_losses):
             self.spikes += 1
         self.recent_losses.append(value)
-        if (trainer.global_step + 1) % trainer.log_every_n_steps == 0:  # where train/loss is logged
+        every = trainer.log_every_n_steps  # log where train/loss is logged
+        if every and (trainer.global_step + 1) % every == 0:
             log_scalars(trainer, {"train/loss_spikes": self.spikes}, trainer.global_step)
+
+    def state_dict(self) -> dict:
+        """Saved in checkpoints, so that a resumed run keeps counting."""
+        return {"spikes": self.spikes, "recent_losses": list(self.recent_losses)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.spikes = state_dict["spikes"]
+        self.recent_losses.extend(state_dict["recent_losses"])
 
     def _stop(self, trainer, value: float) -> None:
         step = trainer.global_step

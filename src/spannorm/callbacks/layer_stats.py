@@ -11,12 +11,15 @@ training batch itself:
                           p_h = causal softmax(q_h k_h^T / sqrt(hd)) after RoPE, on the first
                           `entropy_sequences` sequences of the batch (query i can reach at most log(i+1))
 rms, stream_grad_norm and cos are `spannorm.analysis.signal`'s definitions, measured during training.
-Hooks are attached only for a logging step and removed after it, so other steps run the bare model.
+Hooks are attached only for a logging step and removed after it, so other steps run the bare model;
+a compiled model runs that step eagerly (the hooks would not run in code compiled without them).
 """
 
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from functools import partial
 
 import lightning as L
@@ -96,10 +99,13 @@ class LayerStatsMonitor(L.Callback):
         self.entropy_sequences = entropy_sequences
         self.image = image
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._eager = ExitStack()  # holds the force_eager compiler stance of a logging step
         self._stats: dict[str, list[torch.Tensor | None]] = {}
         self._params_before: list[list[torch.Tensor]] | None = None
         self._step = 0
-        self._plot: LayerProfilePlot | None = None
+        self._plot: LayerProfilePlot | None = None  # used by the drawing thread only
+        self._drawer: ThreadPoolExecutor | None = None
+        self._drawing: Future | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step % self.every_n_steps or self._handles:
@@ -107,6 +113,8 @@ class LayerStatsMonitor(L.Callback):
         blocks = pl_module.model.blocks
         self._step = trainer.global_step
         self._stats = {metric: [None] * len(blocks) for metric in METRICS}
+        # compiled blocks (model.compile=true) would not run hooks added after compiling
+        self._eager.enter_context(torch.compiler.set_stance("force_eager"))
         for index, block in enumerate(blocks):
             self._handles.append(block.register_forward_hook(partial(self._record_block, index)))
             self._handles.append(
@@ -132,6 +140,12 @@ class LayerStatsMonitor(L.Callback):
                 attn, args[0][: self.entropy_sequences]
             )
 
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._eager.close()  # back to the compiler's previous stance
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not self._handles:
             return
@@ -145,9 +159,7 @@ class LayerStatsMonitor(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._params_before is None:  # not a logging step, or still accumulating gradients
             return
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._remove_hooks()
         with torch.no_grad():
             self._stats["update_ratio"] = [
                 get_total_norm(
@@ -169,9 +181,39 @@ class LayerStatsMonitor(L.Callback):
             },
             self._step,
         )
-        if self.image:
-            self._plot = self._plot or LayerProfilePlot(n_blocks)
-            figure = self._plot.update(values, self._step)
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_figure("layers/profile", figure, self._step, close=False)
+        writers = [log.experiment for log in trainer.loggers if isinstance(log, TensorBoardLogger)]
+        if self.image and writers:
+            self._draw_in_background(writers, values, self._step)
+
+    def _draw_in_background(self, writers: list, values: dict[str, list[float]], step: int) -> None:
+        """Draw and write the image on a worker thread: matplotlib takes ~0.1-0.2 s of CPU, which
+        then overlaps the next steps instead of stalling the loop (on a GPU run the loop mostly
+        waits on the device, with the GIL released). One image at a time; an error in drawing
+        surfaces at the next image or at the end of training."""
+        if self._drawing is not None:
+            self._drawing.result()
+        self._drawer = self._drawer or ThreadPoolExecutor(1, thread_name_prefix="layer-profile")
+        self._drawing = self._drawer.submit(self._draw, writers, values, step)
+
+    def _draw(self, writers: list, values: dict[str, list[float]], step: int) -> None:
+        self._plot = self._plot or LayerProfilePlot(len(values["rms"]))
+        figure = self._plot.update(values, step)
+        for writer in writers:
+            writer.add_figure("layers/profile", figure, step, close=False)
+
+    def _finish_drawing(self) -> Future | None:
+        """Wait for the image in progress, so that it is written before the loggers close."""
+        if self._drawer is not None:
+            self._drawer.shutdown(wait=True)
+            self._drawer = None
+        drawing, self._drawing = self._drawing, None
+        return drawing
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        drawing = self._finish_drawing()
+        if drawing is not None:
+            drawing.result()  # raises what went wrong in drawing
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._remove_hooks()
+        self._finish_drawing()  # the training error is the one to report
