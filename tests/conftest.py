@@ -60,7 +60,9 @@ def tiny_overrides(corpus: dict[str, Path]) -> list[str]:
     ]
 
 
-def run_entry(script: str, *args: str, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess:
+def run_entry(
+    script: str, *args: str, cwd: Path = REPO, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run `python <script> args...` from the repo root, as a user would."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(

@@ -6,10 +6,10 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import REPO, run_entry, tiny_overrides
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from conftest import REPO, run_entry, tiny_overrides
 from spannorm.tb import read_scalars
 
 CONF = REPO / "conf"
@@ -27,7 +27,10 @@ def group_options(group: str) -> list[str]:
 
 
 def test_every_config_group_composes_and_instantiates(tiny_corpus, tmp_path):
-    files = [f"data.train_files={tiny_corpus['train']}", f"data.validation_files={tiny_corpus['validation']}"]
+    files = [
+        f"data.train_files={tiny_corpus['train']}",
+        f"data.validation_files={tiny_corpus['validation']}",
+    ]
     base = [f"run_dir={tmp_path}"]
     for data in group_options("data"):
         extra = files if data in ("text", "json", "parquet") else []
@@ -68,7 +71,9 @@ def test_eval_rebuilds_the_run_and_matches_logged_val_loss(trained_run, tmp_path
     run_dir, _ = trained_run
     logged = read_scalars(run_dir)["val/loss"][-1][1]
     # today's defaults differ from the run's (n_layers=4 vs 2): eval must use the saved config
-    result = run_entry("eval.py", f"ckpt_path={run_dir}", "progress=false", f"hydra.run.dir={tmp_path}")
+    result = run_entry(
+        "eval.py", f"ckpt_path={run_dir}", "progress=false", f"hydra.run.dir={tmp_path}"
+    )
     reported = float(re.search(r"val/loss (\d+\.\d+)", result.stdout).group(1))
     assert reported == pytest.approx(logged, abs=1e-3)
 
@@ -92,7 +97,11 @@ def test_generate_samples_text_with_and_without_cache(trained_run, tmp_path):
 
 
 def test_multirun_writes_separate_run_dirs(tiny_corpus, tmp_path):
-    overrides = [o for o in tiny_overrides(tiny_corpus) if not o.startswith(("trainer.max_steps", "trainer.val_check"))]
+    overrides = [
+        o
+        for o in tiny_overrides(tiny_corpus)
+        if not o.startswith(("trainer.max_steps", "trainer.val_check"))
+    ]
     run_entry(
         "train.py",
         "-m",
@@ -111,7 +120,11 @@ def test_multirun_writes_separate_run_dirs(tiny_corpus, tmp_path):
 
 def test_unknown_norm_is_one_line_error(tiny_corpus, tmp_path):
     result = run_entry(
-        "train.py", *tiny_overrides(tiny_corpus), "model.norm=nonorm", f"hydra.run.dir={tmp_path}", check=False
+        "train.py",
+        *tiny_overrides(tiny_corpus),
+        "model.norm=nonorm",
+        f"hydra.run.dir={tmp_path}",
+        check=False,
     )
     assert result.returncode == 2
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]

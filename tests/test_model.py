@@ -82,7 +82,10 @@ def test_sampling_respects_top_k_and_seed():
     allowed = set(torch.topk(logits, 1).indices.tolist())
     out = generate(model, prompt, 1, temperature=1.0, top_k=1)
     assert out[0, -1].item() in allowed
-    draw = [generate(model, prompt, 8, 1.0, 10, generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    draw = [
+        generate(model, prompt, 8, 1.0, 10, generator=torch.Generator().manual_seed(3))
+        for _ in range(2)
+    ]
     torch.testing.assert_close(draw[0], draw[1])
 
 

@@ -136,7 +136,7 @@ def differing_keys(runs: list[Run]) -> list[str]:
 
 
 def format_number(value: float, digits: int = 4) -> str:
-    return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+    return "–" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -20,7 +20,9 @@ def rope_tables(
     head_dim: int, start: int, length: int, theta: float, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of position p * theta^(-2i/hd) for positions start..start+length-1."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    inv_freq = theta ** (
+        -torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+    )
     positions = torch.arange(start, start + length, device=device, dtype=torch.float32)
     angles = torch.outer(positions, inv_freq)
     return angles.cos(), angles.sin()
@@ -118,4 +120,3 @@ class MLP(nn.Module):
         else:
             h = F.gelu(self.fc(x))
         return self.dropout(self.proj(h))
-

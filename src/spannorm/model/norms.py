@@ -13,4 +13,6 @@ def make_norm(norm_type: str, dim: int, eps: float = 1e-5) -> nn.Module:
         return nn.LayerNorm(dim, eps=eps)
     if norm_type == "rmsnorm":
         return nn.RMSNorm(dim, eps=eps)
-    raise ValueError(f"model.norm_type={norm_type!r} is not valid; choose one of: {', '.join(NORM_TYPES)}")
+    raise ValueError(
+        f"model.norm_type={norm_type!r} is not valid; choose one of: {', '.join(NORM_TYPES)}"
+    )

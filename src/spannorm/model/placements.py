@@ -67,10 +67,14 @@ class Block(nn.Module):
         self.layer = layer
         self.attn = CausalSelfAttention(cfg, qkv_norm=qkv_norm)
         self.ffn = make_ffn(cfg)
-        self.norms = nn.ModuleList(make_norm(cfg.norm_type, cfg.d_model, cfg.norm_eps) for _ in range(norms))
+        self.norms = nn.ModuleList(
+            make_norm(cfg.norm_type, cfg.d_model, cfg.norm_eps) for _ in range(norms)
+        )
 
 
-@register("prenorm", final_norm=True, default_init="gpt2", source="Xiong et al. 2020, arXiv 2002.04745")
+@register(
+    "prenorm", final_norm=True, default_init="gpt2", source="Xiong et al. 2020, arXiv 2002.04745"
+)
 class PreNormBlock(Block):
     """h = x + A(N1(x));  x' = h + F(N2(h))."""
 
@@ -219,7 +223,9 @@ class B2TBlock(Block):
         return self.norms[1](x + y + self.ffn(y))
 
 
-@register("lns", final_norm=True, default_init="normal", source="LayerNorm Scaling, arXiv 2502.05795")
+@register(
+    "lns", final_norm=True, default_init="normal", source="LayerNorm Scaling, arXiv 2502.05795"
+)
 class LNSBlock(Block):
     """PreNorm with each N(h) scaled by 1/sqrt(l+1):  h = x + A(N1(x)/sqrt(l+1)); ..."""
 

@@ -24,7 +24,9 @@ class TransformerLM(nn.Module):
         self.embed_scale = embedding_scale(self.init_scheme, cfg.d_model)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(placement.make_block(cfg, layer) for layer in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(
+            placement.make_block(cfg, layer) for layer in range(cfg.n_layers)
+        )
         self.final_norm = (
             make_norm(cfg.norm_type, cfg.d_model, cfg.norm_eps)
             if placement.final_norm(cfg)
