@@ -38,9 +38,10 @@ def tiny_corpus(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def tiny_overrides(corpus: dict[str, Path]) -> list[str]:
-    """A model and data small enough to train in seconds on one CPU core."""
-    return [
+def tiny_overrides(corpus: dict[str, Path], *replacements: str) -> list[str]:
+    """A model and data small enough to train in seconds on one CPU core; each `key=value` in
+    `replacements` replaces that key's default (or is appended)."""
+    defaults = [
         "data=text",
         f"data.train_files={corpus['train']}",
         f"data.validation_files={corpus['validation']}",
@@ -58,6 +59,9 @@ def tiny_overrides(corpus: dict[str, Path]) -> list[str]:
         "trainer.log_every_n_steps=5",
         "trainer.enable_model_summary=false",
     ]
+    chosen = dict(override.split("=", 1) for override in defaults)
+    chosen.update(override.split("=", 1) for override in replacements)
+    return [f"{key}={value}" for key, value in chosen.items()]
 
 
 def run_entry(

@@ -97,17 +97,11 @@ def test_generate_samples_text_with_and_without_cache(trained_run, tmp_path):
 
 
 def test_multirun_writes_separate_run_dirs(tiny_corpus, tmp_path):
-    overrides = [
-        o
-        for o in tiny_overrides(tiny_corpus)
-        if not o.startswith(("trainer.max_steps", "trainer.val_check"))
-    ]
+    overrides = tiny_overrides(tiny_corpus, "trainer.max_steps=4", "trainer.val_check_interval=4")
     run_entry(
         "train.py",
         "-m",
         *overrides,
-        "trainer.max_steps=4",
-        "trainer.val_check_interval=4",
         "model.n_layers=1,2",
         f"hydra.sweep.dir={tmp_path}",
     )

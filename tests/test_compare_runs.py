@@ -13,17 +13,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def sweep(tiny_corpus, tmp_path_factory):
     sweep_dir = tmp_path_factory.mktemp("sweep")
-    overrides = [
-        o
-        for o in tiny_overrides(tiny_corpus)
-        if not o.startswith(("trainer.max_steps", "trainer.val_check"))
-    ]
+    overrides = tiny_overrides(tiny_corpus, "trainer.max_steps=10", "trainer.val_check_interval=5")
     run_entry(
         "train.py",
         "-m",
         *overrides,
-        "trainer.max_steps=10",
-        "trainer.val_check_interval=5",
         "model.norm=prenorm,spannorm",
         f"hydra.sweep.dir={sweep_dir}",
     )

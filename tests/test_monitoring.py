@@ -130,12 +130,10 @@ def test_spikes_are_counted_against_the_moving_median():
 @pytest.fixture(scope="module")
 def monitored_run(tiny_corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("monitored")
-    overrides = [o for o in tiny_overrides(tiny_corpus) if not o.startswith("trainer.max_steps")]
+    overrides = tiny_overrides(tiny_corpus, "trainer.max_steps=20", "trainer.val_check_interval=10")
     run_entry(
         "train.py",
         *overrides,
-        "trainer.max_steps=20",
-        "trainer.val_check_interval=10",
         "callbacks.layer_stats.every_n_steps=5",
         f"hydra.run.dir={run_dir}",
     )

@@ -70,9 +70,9 @@ def test_bad_options_fail_fast_in_one_line(bad, expected, tiny_corpus, tmp_path,
     empty = tmp_path / "empty.txt"
     empty.touch()
     data_dir = tmp_path / "data"
-    overrides = [o for o in tiny_overrides(tiny_corpus) if not o.startswith("data.data_dir")]
+    overrides = tiny_overrides(tiny_corpus, f"data.data_dir={data_dir}")
     bad = [o.format(empty=empty) for o in bad]
-    line = fail_fast([*overrides, f"data.data_dir={data_dir}", f"run_dir={tmp_path}", *bad], capsys)
+    line = fail_fast([*overrides, f"run_dir={tmp_path}", *bad], capsys)
     assert all(fragment in line for fragment in expected), line
     assert not data_dir.exists()  # failed before building any data
 
@@ -241,17 +241,14 @@ def interrupted_and_reference(tiny_corpus, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("resume")
     data_dir = root / "data"
     overrides = [
-        *(
-            o
-            for o in tiny_overrides(tiny_corpus)
-            if not o.startswith(("data.data_dir", "trainer."))
+        *tiny_overrides(
+            tiny_corpus,
+            f"data.data_dir={data_dir}",
+            "data.batch_size=32",  # 34 batches per epoch: the runs cross an epoch boundary
+            "trainer.max_steps=60",
+            "trainer.val_check_interval=25",
+            "trainer.log_every_n_steps=1",
         ),
-        f"data.data_dir={data_dir}",
-        "data.batch_size=32",  # 34 batches per epoch: the runs cross an epoch boundary
-        "trainer.max_steps=60",
-        "trainer.val_check_interval=25",
-        "trainer.log_every_n_steps=1",
-        "trainer.enable_model_summary=false",
         "callbacks=minimal",
         "callbacks.progress=null",
         "checkpoint_every_n_steps=10",
