@@ -8,6 +8,7 @@
     - the bare loop (`bare_run`) trains the same model from the same seed on the same DataLoader
       with the LanguageModel's own setup, loss, optimizer and schedule and the trainer's clipping.
       Its clock: the sum over the timed steps of next(batch) + the step;
+    - `bench.variants`: train.py again with more overrides (e.g. callbacks=minimal), to price parts;
     - with `bench.malloc_ab`, the bare loop again without `setup` (glibc's malloc left as is).
     Reported: tokens/s per arm and round, the ratios per round, medians over rounds.
 (b) fwd+bwd+optimizer step time of every placement against prenorm, interleaved on batches held in
@@ -16,7 +17,7 @@
     cache; the share of the timed steps spent waiting for the next batch in each arm of (a).
 (d) the peak RSS of the processes of (a) and the MFU of each arm, against the fastest fp32 matmul
     measured here; FLOPs per token = 6 N + 12 L d T (`spannorm.callbacks.throughput`).
-Writes <bench.output_dir>/cpu-<date>.json and .md.
+Writes <bench.output_dir>/cpu-<date>_<time>.json and .md.
 """
 
 from __future__ import annotations
@@ -58,8 +59,6 @@ from spannorm.cli import UsageError, build_datamodule, console, friendly_errors
 from spannorm.model import PLACEMENTS
 
 REPO = Path(__file__).resolve().parents[1]
-MALLOC_DEFAULTS = "bare, malloc defaults"
-RATIOS = {"train.py / bare": ("train.py", "bare"), "malloc setting": ("bare", MALLOC_DEFAULTS)}
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -70,12 +69,23 @@ def check_config(cfg: DictConfig) -> None:
         raise UsageError("bench.warmup_steps >= 1, bench.timed_steps >= 2 and bench.rounds >= 1")
 
 
+def describe_machine() -> str:
+    """`<cores>-core <CPU model> CPU, no GPU` (or `a GPU`, if torch sees one)."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line for line in lines if line.startswith("model name")]
+    if names:
+        model = names[0].split(":", 1)[1].strip()
+    return f"{os.cpu_count()}-core {model} CPU, {'a' if torch.cuda.is_available() else 'no'} GPU"
+
+
 def load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def train_script_run(cfg: DictConfig, workdir: Path, tag: str) -> dict:
-    """One timed train.py run with the command line's train overrides."""
+def train_script_run(cfg: DictConfig, workdir: Path, tag: str, extra: list[str]) -> dict:
+    """One timed train.py run with the command line's train overrides, then `extra` ones."""
     bench = cfg.bench
     clock = workdir / f"clock-{tag}.json"
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("bench.")]
@@ -83,6 +93,7 @@ def train_script_run(cfg: DictConfig, workdir: Path, tag: str) -> dict:
         sys.executable,
         str(REPO / "train.py"),
         *overrides,
+        *extra,
         f"trainer.max_steps={bench.warmup_steps + bench.timed_steps}",
         f"hydra.run.dir={workdir / f'run-{tag}'}",
         f"+callbacks.step_clock._target_={StepClock.__module__}.{StepClock.__name__}",
@@ -102,17 +113,32 @@ def bare_loop_run(cfg: DictConfig, fit_setup: bool) -> dict:
         return process.submit(bare_run, train_cfg, *steps, fit_setup).result()
 
 
+def timed_arms(cfg: DictConfig, workdir: Path) -> tuple[dict, dict]:
+    """(a)'s arms, name -> run(round index), and its ratios, name -> (arm, arm) of tokens/s:
+    train.py and the bare loop; `bench.variants`, train.py with more overrides; with
+    `bench.malloc_ab`, the bare loop without LanguageModel.setup."""
+    arms = {
+        "train.py": lambda index: train_script_run(cfg, workdir, str(index), []),
+        "bare": lambda index: bare_loop_run(cfg, fit_setup=True),
+    }
+    ratios = {"train.py / bare": ("train.py", "bare")}
+    for variant, extra in cfg.bench.variants.items():
+        arms[f"train.py {variant}"] = lambda index, variant=variant, extra=list(extra): (
+            train_script_run(cfg, workdir, f"{index}-{variant}", extra)
+        )
+        ratios[f"{variant} / bare"] = (f"train.py {variant}", "bare")
+    if cfg.bench.malloc_ab:
+        arms["bare, malloc defaults"] = lambda index: bare_loop_run(cfg, fit_setup=False)
+        ratios["malloc setting"] = ("bare", "bare, malloc defaults")
+    return arms, ratios
+
+
 def compare_with_bare_loop(cfg: DictConfig, tokens_per_step: int) -> dict:
     """(a): per round and arm, the timing, tokens/s and wait share; the ratios; the medians."""
     bench = cfg.bench
     rounds = []
     with tempfile.TemporaryDirectory() as tmp:
-        arms = {
-            "train.py": lambda index: train_script_run(cfg, Path(tmp), str(index)),
-            "bare": lambda index: bare_loop_run(cfg, fit_setup=True),
-        }
-        if bench.malloc_ab:
-            arms[MALLOC_DEFAULTS] = lambda index: bare_loop_run(cfg, fit_setup=False)
+        arms, ratios = timed_arms(cfg, Path(tmp))
         names = list(arms)
         for index in range(bench.rounds):
             measured = {"load_1min": load()}
@@ -124,8 +150,7 @@ def compare_with_bare_loop(cfg: DictConfig, tokens_per_step: int) -> dict:
                 measured[name] = run
             measured["ratios"] = {
                 ratio: measured[a]["tokens_per_s"] / measured[b]["tokens_per_s"]
-                for ratio, (a, b) in RATIOS.items()
-                if b in measured
+                for ratio, (a, b) in ratios.items()
             }
             rounds.append(measured)
             console.print(
@@ -137,7 +162,13 @@ def compare_with_bare_loop(cfg: DictConfig, tokens_per_step: int) -> dict:
         name: {
             **{
                 key: statistics.median(r[name][key] for r in rounds)
-                for key in ("tokens_per_s", "median_step", "wait_share", "median_wait")
+                for key in (
+                    "tokens_per_s",
+                    "median_step",
+                    "wait_share",
+                    "median_wait",
+                    "faults_per_step",
+                )
             },
             "peak_rss_mib": max(r[name]["peak_rss_mib"] for r in rounds),
         }
@@ -229,11 +260,13 @@ def markdown(results: dict) -> str:
         "(a, c, d) per arm: medians over rounds; peak RSS: the largest process; MFU from the "
         "median tokens/s",
         "",
-        "| arm | step (ms) | wait for the batch (ms) | wait share | peak RSS (MiB) | MFU |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| arm | step (ms) | wait for the batch (ms) | wait share | page faults / step "
+        "| peak RSS (MiB) | MFU |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         *(
             f"| {name} | {1e3 * arm['median_step']:.1f} | {1e3 * arm['median_wait']:.2f} "
-            f"| {100 * arm['wait_share']:.2f}% | {arm['peak_rss_mib']:.0f} "
+            f"| {100 * arm['wait_share']:.2f}% | {arm['faults_per_step']:.0f} "
+            f"| {arm['peak_rss_mib']:.0f} "
             f"| {100 * arm['tokens_per_s'] * results['flops_per_token'] / peak:.1f}% |"
             for name, arm in training["arms"].items()
         ),
@@ -252,13 +285,13 @@ def main(cfg: DictConfig) -> None:
     check_config(cfg)
     quiet_lightning()
     bench = cfg.bench
-    started = time.perf_counter()
+    started, now = time.perf_counter(), datetime.datetime.now()
     results = {
         "command": shlex.join(["python", "scripts/benchmark.py", *sys.argv[1:]]),
-        "machine": bench.machine or f"{os.cpu_count()}-core {platform.machine()} CPU",
+        "machine": bench.machine or describe_machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "started": now.isoformat(timespec="seconds"),
         "load_start": load(),
         "shape": (
             f"{cfg.model.norm} d={cfg.model.d_model} L={cfg.model.n_layers} "
@@ -282,7 +315,7 @@ def main(cfg: DictConfig) -> None:
     results["minutes"] = (time.perf_counter() - started) / 60
     out = Path(bench.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"cpu-{datetime.date.today().isoformat()}"
+    stem = out / f"cpu-{now:%Y-%m-%d_%H-%M}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
     report = markdown(results)
     stem.with_suffix(".md").write_text(report)

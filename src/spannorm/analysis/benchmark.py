@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import statistics
 import subprocess
 import time
@@ -30,13 +31,24 @@ from spannorm.cli import build_datamodule, prepare_data
 from spannorm.data.shakespeare import ensure_shakespeare
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far: pages the kernel mapped in on first touch."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class StepClock(L.Callback):
-    """perf_counter() at the start and the end of every training batch, and the [start, end] of
-    every validation run after the sanity check; written to `path` as JSON when training ends."""
+    """perf_counter() at the start and the end of every training batch, `minor_faults()` at the
+    end, and the [start, end] of every validation run after the sanity check; written to `path`
+    as JSON when training ends."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
-        self.record: dict[str, list] = {"batch_start": [], "batch_end": [], "validation": []}
+        self.record: dict[str, list] = {
+            "batch_start": [],
+            "batch_end": [],
+            "faults": [],
+            "validation": [],
+        }
         self._validation_start = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -44,6 +56,7 @@ class StepClock(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.record["batch_end"].append(time.perf_counter())
+        self.record["faults"].append(minor_faults())
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._validation_start = time.perf_counter()
@@ -58,13 +71,15 @@ class StepClock(L.Callback):
 
 @dataclass
 class RunTiming:
-    """The timed steps of one run: their wall time (validation excluded), the median step, and
-    the time spent between steps waiting for the next batch (see `template_timing`, `time_bare`)."""
+    """The timed steps of one run: their wall time (validation excluded), the median step, the
+    time spent between steps waiting for the next batch (see `template_timing`, `time_bare`) and
+    the minor page faults per step."""
 
     seconds: float
     median_step: float
     wait_seconds: float
     median_wait: float
+    faults_per_step: float
 
 
 def template_timing(record: dict[str, list], warmup: int, steps: int) -> RunTiming:
@@ -79,7 +94,10 @@ def template_timing(record: dict[str, list], warmup: int, steps: int) -> RunTimi
     periods = [ends[i] - ends[i - 1] for i in window]
     waits = [starts[i] - ends[i - 1] for i in window]
     seconds = closed - opened - validation
-    return RunTiming(seconds, statistics.median(periods), sum(waits), statistics.median(waits))
+    faults = (record["faults"][window[-1]] - record["faults"][warmup - 1]) / steps
+    return RunTiming(
+        seconds, statistics.median(periods), sum(waits), statistics.median(waits), faults
+    )
 
 
 def run_logged(command: Sequence[str], log_path: Path, env: dict[str, str]) -> float:
@@ -142,6 +160,8 @@ def time_bare(loop: BareLoop, batches: Iterator, warmup: int, steps: int) -> Run
     of its optimizer step, and its wait is the `next(batches)` call alone."""
     periods, waits = [], []
     for index in range(warmup + steps):
+        if index == warmup:
+            faults = minor_faults()
         start = time.perf_counter()
         batch = next(batches)
         fetched = time.perf_counter()
@@ -149,7 +169,10 @@ def time_bare(loop: BareLoop, batches: Iterator, warmup: int, steps: int) -> Run
         if index >= warmup:
             periods.append(time.perf_counter() - start)
             waits.append(fetched - start)
-    return RunTiming(sum(periods), statistics.median(periods), sum(waits), statistics.median(waits))
+    faults = (minor_faults() - faults) / steps
+    return RunTiming(
+        sum(periods), statistics.median(periods), sum(waits), statistics.median(waits), faults
+    )
 
 
 def bare_run(train_cfg: dict, warmup: int, steps: int, fit_setup: bool = True) -> dict:
