@@ -88,7 +88,8 @@ def train_script_run(cfg: DictConfig, workdir: Path, tag: str, extra: list[str])
     """One timed train.py run with the command line's train overrides, then `extra` ones."""
     bench = cfg.bench
     clock = workdir / f"clock-{tag}.json"
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("bench.")]
+    task = HydraConfig.get().overrides.task
+    overrides = [o for o in task if not o.lstrip("+~").startswith("bench.")]
     command = [
         sys.executable,
         str(REPO / "train.py"),
