@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, InstantiationException, MissingConfigException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 from rich.console import Console
@@ -48,8 +49,8 @@ class UsageError(Exception):
 
 
 def friendly_errors(main):
-    """Turn bad-input exceptions into `error: <message>` and exit 2 (a diverged run: exit 3);
-    `debug=true` re-raises."""
+    """Turn bad-input exceptions into `error: <message>` and exit 2 (a diverged run: exit 3;
+    within a multirun, a diverged job is reported and the sweep goes on); `debug=true` re-raises."""
 
     @functools.wraps(main)
     def wrapper(cfg: DictConfig):
@@ -70,7 +71,11 @@ def friendly_errors(main):
                 error = error.__cause__  # Hydra wraps the constructor's own error
             message = str(error.args[0]) if error.args else repr(error)
             print(f"error: {message.splitlines()[0]}", file=sys.stderr)  # omegaconf appends details
-            sys.exit(3 if isinstance(error, TrainingDiverged) else 2)
+            if not isinstance(error, TrainingDiverged):
+                sys.exit(2)
+            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+                return math.nan  # a diverged run is a result of the sweep, not a reason to stop it
+            sys.exit(3)
 
     return wrapper
 
