@@ -1,22 +1,24 @@
 """Training speed on CPU (conf/benchmark.yaml; the results are summarized in docs/performance.md).
 
-(a) train.py against a bare loop, in `bench.rounds` rounds (the arms' order rotates each round),
-    every run in a fresh process:
-    - train.py runs as a user runs it, for warmup_steps + timed_steps steps with the default
-      callbacks, logging and TensorBoard logger, plus `StepClock`. Its clock: from the end of
-      step `warmup_steps` to the end of the last step, less validation;
-    - the bare loop (`bare_run`) trains the same model from the same seed on the same DataLoader
-      with the LanguageModel's own setup, loss, optimizer and schedule and the trainer's clipping.
-      Its clock: the sum over the timed steps of next(batch) + the step;
-    - `bench.variants`: train.py again with more overrides (e.g. callbacks=minimal), to price parts;
-    - with `bench.malloc_ab`, the bare loop again without `setup` (glibc's malloc left as is).
-    Reported: tokens/s per arm and round, the ratios per round, medians over rounds.
+(a) train.py against a bare PyTorch loop. Each of `bench.rounds` rounds runs train.py as a user
+    runs it (a fresh process; the default callbacks, logging and TensorBoard logger) for
+    warmup_steps + timed_steps steps with a `StepClock`, which interleaves a bare-loop twin: a copy
+    of the model at the same initial weights on its own pass over the same DataLoader, with the
+    LanguageModel's own setup, loss, optimizer and schedule and the trainer's clipping, running
+    `bench.twin_every` steps after every `bench.twin_every` train.py steps. So both see the same
+    process and the same load, which on a shared machine drifts by more than the difference
+    sought. train.py's clock: from the end of one step to the end of the next, with the twin's
+    steps and validation left out; the twin's: from next(batch) to the end of its step.
+    Reported: tokens/s of both and their ratio per round; medians over rounds, each ratio with
+    an interval (`median_interval`). `bench.variants` adds train.py runs with more overrides;
+    `bench.malloc_ab` adds the bare loop alone in fresh processes, with and without
+    LanguageModel.setup (its malloc setting).
 (b) fwd+bwd+optimizer step time of every placement against prenorm, interleaved on batches held in
     memory: the median over rounds of (median step of the placement / prenorm's, same round).
 (c) the data path built from nothing in a temporary data_dir, stage by stage, and loaded from the
-    cache; the share of the timed steps spent waiting for the next batch in each arm of (a).
-(d) the peak RSS of the processes of (a) and the MFU of each arm, against the fastest fp32 matmul
-    measured here; FLOPs per token = 6 N + 12 L d T (`spannorm.callbacks.throughput`).
+    cache; the share of the timed steps spent waiting for the next batch in (a).
+(d) peak RSS of one more train.py run, without the twin; the MFU of each arm of (a) against the
+    fastest fp32 matmul measured here; FLOPs per token 6 N + 12 L d T (callbacks.throughput).
 Writes <bench.output_dir>/cpu-<date>_<time>.json and .md.
 """
 
@@ -48,25 +50,33 @@ from spannorm.analysis.benchmark import (
     StepClock,
     bare_run,
     matmul_peak,
+    median_interval,
     quiet_lightning,
     run_logged,
     template_timing,
     time_data_path,
     time_placements,
+    twin_timing,
 )
 from spannorm.callbacks.throughput import flops_per_token
 from spannorm.cli import UsageError, build_datamodule, console, friendly_errors
 from spannorm.model import PLACEMENTS
 
 REPO = Path(__file__).resolve().parents[1]
+TWIN = ": bare twin"  # suffix of the twin arm of a train.py arm
+RUN_NUMBERS = itertools.count()  # names the files of each train.py run
 
 
 def check_config(cfg: DictConfig) -> None:
     bench = cfg.bench
     if cfg.trainer.accelerator != "cpu" or str(cfg.trainer.precision) not in ("32-true", "32"):
         raise UsageError("scripts/benchmark.py times the CPU fp32 path: use trainer=cpu")
-    if bench.warmup_steps < 1 or bench.timed_steps < 2 or bench.rounds < 1:
-        raise UsageError("bench.warmup_steps >= 1, bench.timed_steps >= 2 and bench.rounds >= 1")
+    if min(bench.warmup_steps, bench.twin_every, bench.rounds) < 1 or bench.timed_steps < 2:
+        raise UsageError(
+            "bench.warmup_steps, bench.twin_every and bench.rounds >= 1, bench.timed_steps >= 2"
+        )
+    if bench.timed_steps % bench.twin_every:
+        raise UsageError("bench.timed_steps must be a multiple of bench.twin_every")
 
 
 def describe_machine() -> str:
@@ -84,9 +94,11 @@ def load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def train_script_run(cfg: DictConfig, workdir: Path, tag: str, extra: list[str]) -> dict:
-    """One timed train.py run with the command line's train overrides, then `extra` ones."""
+def train_script_run(cfg: DictConfig, workdir: Path, name: str, extra: list, twin: bool) -> dict:
+    """One timed train.py run (the command line's train overrides, then `extra`): the arm `name`,
+    with its peak RSS, and with `twin` the arm `name + TWIN`."""
     bench = cfg.bench
+    tag = str(next(RUN_NUMBERS))
     clock = workdir / f"clock-{tag}.json"
     task = HydraConfig.get().overrides.task
     overrides = [o for o in task if not o.lstrip("+~").startswith("bench.")]
@@ -99,94 +111,112 @@ def train_script_run(cfg: DictConfig, workdir: Path, tag: str, extra: list[str])
         f"hydra.run.dir={workdir / f'run-{tag}'}",
         f"+callbacks.step_clock._target_={StepClock.__module__}.{StepClock.__name__}",
         f"+callbacks.step_clock.path={clock}",
+        f"+callbacks.step_clock.warmup={bench.warmup_steps}",
+        f"+callbacks.step_clock.twin_every={bench.twin_every if twin else 0}",
     ]
     env = {**os.environ, **({"TTY_COMPATIBLE": "1"} if bench.terminal else {})}
     peak_rss = run_logged(command, workdir / f"run-{tag}.log", env)
-    timing = template_timing(json.loads(clock.read_text()), bench.warmup_steps, bench.timed_steps)
-    return {**vars(timing), "peak_rss_mib": peak_rss}
+    record = json.loads(clock.read_text())
+    arms = {name: {**vars(template_timing(record, bench.warmup_steps, bench.timed_steps))}}
+    arms[name]["peak_rss_mib"] = peak_rss
+    if twin:
+        arms[name + TWIN] = {**vars(twin_timing(record)), "peak_rss_mib": None}
+    return arms
 
 
 def bare_loop_run(cfg: DictConfig, fit_setup: bool) -> dict:
-    """One timed bare-loop run in a fresh process, as train.py gets."""
+    """One timed run of the bare loop alone, in a fresh process."""
     train_cfg = OmegaConf.to_container(cfg, resolve=True)
     steps = (cfg.bench.warmup_steps, cfg.bench.timed_steps)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as process:
         return process.submit(bare_run, train_cfg, *steps, fit_setup).result()
 
 
-def timed_arms(cfg: DictConfig, workdir: Path) -> tuple[dict, dict]:
-    """(a)'s arms, name -> run(round index), and its ratios, name -> (arm, arm) of tokens/s:
-    train.py and the bare loop; `bench.variants`, train.py with more overrides; with
-    `bench.malloc_ab`, the bare loop without LanguageModel.setup."""
-    arms = {
-        "train.py": lambda index: train_script_run(cfg, workdir, str(index), []),
-        "bare": lambda index: bare_loop_run(cfg, fit_setup=True),
-    }
-    ratios = {"train.py / bare": ("train.py", "bare")}
-    for variant, extra in cfg.bench.variants.items():
-        arms[f"train.py {variant}"] = lambda index, variant=variant, extra=list(extra): (
-            train_script_run(cfg, workdir, f"{index}-{variant}", extra)
+def timed_runs(cfg: DictConfig, workdir: Path) -> tuple[dict, dict]:
+    """(a)'s runs, name -> (round -> {arm: timing}), and ratios, name -> (arm, arm) of tokens/s."""
+    runs, ratios = {}, {}
+    for variant, extra in {"": [], **cfg.bench.variants}.items():
+        name = f"train.py {variant}".strip()
+        runs[name] = lambda name=name, extra=list(extra): train_script_run(
+            cfg, workdir, name, extra, twin=True
         )
-        ratios[f"{variant} / bare"] = (f"train.py {variant}", "bare")
+        ratios[f"{name} / twin"] = (name, name + TWIN)
     if cfg.bench.malloc_ab:
-        arms["bare, malloc defaults"] = lambda index: bare_loop_run(cfg, fit_setup=False)
-        ratios["malloc setting"] = ("bare", "bare, malloc defaults")
-    return arms, ratios
+        runs["bare alone"] = lambda: {
+            "bare alone": bare_loop_run(cfg, fit_setup=True),
+            "bare alone, malloc defaults": bare_loop_run(cfg, fit_setup=False),
+        }
+        ratios["malloc setting"] = ("bare alone", "bare alone, malloc defaults")
+    return runs, ratios
 
 
-def compare_with_bare_loop(cfg: DictConfig, tokens_per_step: int) -> dict:
-    """(a): per round and arm, the timing, tokens/s and wait share; the ratios; the medians."""
-    bench = cfg.bench
+def with_rates(arm: dict, cfg: DictConfig) -> dict:
+    """`arm` with its tokens/s, wait share, and share of time above its median step: the
+    periodic work (checkpoints, monitors at their intervals), measured within one process."""
+    seconds = arm["seconds"]
+    tokens = cfg.data.batch_size * cfg.data.seq_len * cfg.bench.timed_steps
+    arm["tokens_per_s"] = tokens / seconds
+    arm["wait_share"] = arm["wait_seconds"] / seconds
+    arm["above_median_share"] = 1 - cfg.bench.timed_steps * arm["median_step"] / seconds
+    return arm
+
+
+def compare_with_bare_loop(cfg: DictConfig) -> dict:
+    """(a) and (d)'s memory run: per round and arm, the timing; the ratios; the medians."""
     rounds = []
     with tempfile.TemporaryDirectory() as tmp:
-        arms, ratios = timed_arms(cfg, Path(tmp))
-        names = list(arms)
-        for index in range(bench.rounds):
-            measured = {"load_1min": load()}
+        workdir = Path(tmp)
+        alone = train_script_run(cfg, workdir, "train.py alone", [], twin=False)
+        runs, ratios = timed_runs(cfg, workdir)
+        names = list(runs)
+        for index in range(cfg.bench.rounds):
+            measured = {"load_1min": load(), "arms": {}}
             shift = index % len(names)
             for name in [*names[shift:], *names[:shift]]:
-                run = arms[name](index)
-                run["tokens_per_s"] = tokens_per_step * bench.timed_steps / run["seconds"]
-                run["wait_share"] = run["wait_seconds"] / run["seconds"]
-                # time beyond timed_steps x the run's median step: the periodic work (checkpoints,
-                # monitors at their intervals) measured inside one process, so free of the drift
-                # between processes
-                run["above_median_share"] = (
-                    1 - bench.timed_steps * run["median_step"] / run["seconds"]
-                )
-                measured[name] = run
+                for arm, timing in runs[name]().items():
+                    measured["arms"][arm] = with_rates(timing, cfg)
+            arms = measured["arms"]
             measured["ratios"] = {
-                ratio: measured[a]["tokens_per_s"] / measured[b]["tokens_per_s"]
+                ratio: arms[a]["tokens_per_s"] / arms[b]["tokens_per_s"]
                 for ratio, (a, b) in ratios.items()
             }
             rounds.append(measured)
             console.print(
                 f"round {index} (load {measured['load_1min']}): "
-                + ", ".join(f"{name} {measured[name]['tokens_per_s']:.0f} tok/s" for name in names)
-                + "".join(f", {ratio} {value:.3f}" for ratio, value in measured["ratios"].items())
+                + ", ".join(f"{arm} {timing['tokens_per_s']:.0f}" for arm, timing in arms.items())
+                + " tok/s"
+                + "".join(f"; {ratio} {value:.3f}" for ratio, value in measured["ratios"].items())
             )
+    keys = ("tokens_per_s", "median_step", "above_median_share", "median_wait", "wait_share")
     summary = {
-        name: {
-            **{
-                key: statistics.median(r[name][key] for r in rounds)
-                for key in (
-                    "tokens_per_s",
-                    "median_step",
-                    "wait_share",
-                    "above_median_share",
-                    "median_wait",
-                    "faults_per_step",
-                )
-            },
-            "peak_rss_mib": max(r[name]["peak_rss_mib"] for r in rounds),
+        arm: {
+            **{key: statistics.median(r["arms"][arm][key] for r in rounds) for key in keys},
+            "faults_per_step": statistics.median(r["arms"][arm]["faults_per_step"] for r in rounds),
         }
-        for name in names
+        for arm in rounds[0]["arms"]
     }
-    ratios = {
-        ratio: statistics.median(r["ratios"][ratio] for r in rounds)
-        for ratio in rounds[0]["ratios"]
+    intervals = {}
+    for ratio in ratios:
+        values = [r["ratios"][ratio] for r in rounds]
+        low, high, confidence = median_interval(values)
+        intervals[ratio] = {
+            "median": statistics.median(values),
+            "low": low,
+            "high": high,
+            "confidence": confidence,
+        }
+    peak_rss = {
+        arm: max(r["arms"][arm]["peak_rss_mib"] for r in rounds)
+        for arm in summary
+        if rounds[0]["arms"][arm]["peak_rss_mib"] is not None
     }
-    return {"rounds": rounds, "arms": summary, "ratios": ratios}
+    return {
+        "alone": with_rates(alone["train.py alone"], cfg),
+        "rounds": rounds,
+        "arms": summary,
+        "ratios": intervals,
+        "peak_rss_mib": peak_rss,
+    }
 
 
 def compare_placements(cfg: DictConfig, datamodule) -> dict:
@@ -215,11 +245,35 @@ def compare_placements(cfg: DictConfig, datamodule) -> dict:
     }
 
 
+def row(cells: list) -> str:
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
 def markdown(results: dict) -> str:
     """The results as markdown tables, with the command, the machine and the load."""
     training = results["training"]
-    names, ratios = list(training["arms"]), list(training["ratios"])
+    arms, ratios = list(training["arms"]), list(training["ratios"])
     peak = max(results["matmul_flops"].values())
+
+    def mfu(tokens_per_s: float) -> str:
+        return f"{100 * tokens_per_s * results['flops_per_token'] / peak:.1f}%"
+
+    def per_arm(name: str, arm: dict, peak_rss: float | None) -> str:
+        return row(
+            [
+                name,
+                f"{arm['tokens_per_s']:.0f}",
+                f"{1e3 * arm['median_step']:.1f}",
+                f"{100 * arm['above_median_share']:.1f}%",
+                f"{1e3 * arm['median_wait']:.2f}",
+                f"{100 * arm['wait_share']:.2f}%",
+                f"{arm['faults_per_step']:.0f}",
+                "-" if peak_rss is None else f"{peak_rss:.0f}",
+                mfu(arm["tokens_per_s"]),
+            ]
+        )
+
+    alone = training["alone"]
     lines = [
         f"Command: `{results['command']}`  ",
         f"Machine: {results['machine']}, torch {results['torch']} ({results['threads']} threads); "
@@ -227,62 +281,79 @@ def markdown(results: dict) -> str:
         f"the end; {results['started']}, {results['minutes']:.1f} min.  ",
         f"Shape: {results['shape']}.",
         "",
-        "(a) tokens/s over the timed steps",
+        "(a) tokens/s over the timed steps, and ratios",
         "",
-        "| round | load | " + " | ".join([*names, *ratios]) + " |",
-        "|---:|---:|" + "---:|" * (len(names) + len(ratios)),
+        row(["round", "load", *arms, *ratios]),
+        row(["---:"] * (2 + len(arms) + len(ratios))),
         *(
-            f"| {i} | {r['load_1min']} | "
-            + " | ".join(
-                [f"{r[n]['tokens_per_s']:.0f}" for n in names]
+            row(
+                [i, r["load_1min"]]
+                + [f"{r['arms'][a]['tokens_per_s']:.0f}" for a in arms]
                 + [f"{r['ratios'][k]:.3f}" for k in ratios]
             )
-            + " |"
             for i, r in enumerate(training["rounds"])
         ),
-        "| median | | "
-        + " | ".join(
-            [f"{training['arms'][n]['tokens_per_s']:.0f}" for n in names]
-            + [f"**{training['ratios'][k]:.3f}**" for k in ratios]
-        )
-        + " |",
+        row(
+            ["median", ""]
+            + [f"{training['arms'][a]['tokens_per_s']:.0f}" for a in arms]
+            + [f"**{training['ratios'][k]['median']:.3f}**" for k in ratios]
+        ),
+        row(
+            ["interval", ""]
+            + [""] * len(arms)
+            + [
+                f"{r['low']:.3f}-{r['high']:.3f} ({100 * r['confidence']:.0f}%)"
+                for r in training["ratios"].values()
+            ]
+        ),
+        "",
+        "interval: the order statistics of the rounds' ratios that cover the median ratio with "
+        "the confidence shown, whatever their distribution.",
+        "",
+        "(a, c, d) per arm, medians over rounds (peak RSS: the largest process; a twin runs in its "
+        "train.py process); `train.py alone`: one run without a twin",
+        "",
+        row(
+            [
+                "arm",
+                "tok/s",
+                "step (ms)",
+                "time above the median step",
+                "wait for the batch (ms)",
+                "wait share",
+                "page faults / step",
+                "peak RSS (MiB)",
+                "MFU",
+            ]
+        ),
+        row(["---", *["---:"] * 8]),
+        *(
+            per_arm(name, arm, training["peak_rss_mib"].get(name))
+            for name, arm in training["arms"].items()
+        ),
+        per_arm("train.py alone", alone, alone["peak_rss_mib"]),
+        "",
+        "fp32 matmul GFLOP/s by size: "
+        + ", ".join(f"{n}: {flops / 1e9:.0f}" for n, flops in results["matmul_flops"].items())
+        + f"; FLOPs per token 6N + 12LdT = {results['flops_per_token'] / 1e6:.2f} M.",
         "",
         "(b) step time (fwd+bwd+optimizer) per placement",
         "",
-        "| placement | median step (ms) | / prenorm |",
-        "|---|---:|---:|",
+        row(["placement", "median step (ms)", "/ prenorm"]),
+        row(["---", "---:", "---:"]),
         *(
-            f"| {name} | {1e3 * p['median_step']:.1f} | {p['ratio']:.3f} |"
+            row([name, f"{1e3 * p['median_step']:.1f}", f"{p['ratio']:.3f}"])
             for name, p in results["placements"].items()
         ),
         "",
         "(c) data path (seconds)",
         "",
-        "| stage | s |",
-        "|---|---:|",
+        row(["stage", "s"]),
+        row(["---", "---:"]),
         *(
-            f"| {stage} | {'-' if seconds is None else f'{seconds:.2f}'} |"
+            row([stage, "-" if seconds is None else f"{seconds:.2f}"])
             for stage, seconds in results.get("data", {}).items()
         ),
-        "",
-        "(a, c, d) per arm: medians over rounds; peak RSS: the largest process; MFU from the "
-        "median tokens/s",
-        "",
-        "| arm | step (ms) | time above the median step | wait for the batch (ms) | wait share "
-        "| page faults / step | peak RSS (MiB) | MFU |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-        *(
-            f"| {name} | {1e3 * arm['median_step']:.1f} | {100 * arm['above_median_share']:.1f}% "
-            f"| {1e3 * arm['median_wait']:.2f} | {100 * arm['wait_share']:.2f}% "
-            f"| {arm['faults_per_step']:.0f} "
-            f"| {arm['peak_rss_mib']:.0f} "
-            f"| {100 * arm['tokens_per_s'] * results['flops_per_token'] / peak:.1f}% |"
-            for name, arm in training["arms"].items()
-        ),
-        "",
-        "fp32 matmul GFLOP/s by size: "
-        + ", ".join(f"{n}: {flops / 1e9:.0f}" for n, flops in results["matmul_flops"].items())
-        + f"; FLOPs per token 6N + 12LdT = {results['flops_per_token'] / 1e6:.2f} M.",
         "",
     ]
     return "\n".join(lines)
@@ -306,7 +377,7 @@ def main(cfg: DictConfig) -> None:
             f"{cfg.model.norm} d={cfg.model.d_model} L={cfg.model.n_layers} "
             f"heads={cfg.model.n_heads}, batch {cfg.data.batch_size} x seq {cfg.data.seq_len}, "
             f"{cfg.data.tokenizer} vocab {cfg.data.vocab_size}; {bench.rounds} rounds of "
-            f"{bench.warmup_steps} + {bench.timed_steps} steps"
+            f"{bench.warmup_steps} + {bench.timed_steps} steps, twin every {bench.twin_every}"
         ),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -316,9 +387,8 @@ def main(cfg: DictConfig) -> None:
         with tempfile.TemporaryDirectory() as data_dir:
             results["data"] = time_data_path(cfg.data, Path(data_dir), bench.cached_repeats)
         console.print(f"data path (s): {results['data']}")
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     results["flops_per_token"] = flops_per_token(instantiate(cfg.model).model, cfg.data.seq_len)
-    results["training"] = compare_with_bare_loop(cfg, tokens_per_step)
+    results["training"] = compare_with_bare_loop(cfg)
     results["placements"] = compare_placements(cfg, build_datamodule(cfg.data))
     results["load_end"] = load()
     results["minutes"] = (time.perf_counter() - started) / 60

@@ -1,9 +1,10 @@
 """Timing the training path against a minimal PyTorch loop (used by scripts/benchmark.py).
 
-- `StepClock`: a callback that a timed `train.py` run carries; it records when every training
-  batch starts and ends and when validation runs, and writes them as JSON at the end of training.
-- `BareLoop`: the same `LanguageModel`'s loss, AdamW groups and warmup+cosine schedule (its own
-  `configure_optimizers`) and norm clipping, stepped by a hand-written loop.
+- `BareLoop`: the same `LanguageModel`'s setup, loss, AdamW groups, warmup+cosine schedule (its
+  own `configure_optimizers`) and norm clipping, stepped by a hand-written loop.
+- `StepClock`: a callback that a timed `train.py` run carries. It records when every training
+  batch starts and ends, and can interleave a bare-loop twin of the model into the run: every
+  `twin_every` steps, as many bare steps of the twin, whose time it leaves out of the run's.
 - step times per placement, the data path's stages, and the fastest fp32 matmul (the MFU peak).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import statistics
@@ -34,82 +36,6 @@ from spannorm.data.shakespeare import ensure_shakespeare
 def minor_faults() -> int:
     """Minor page faults of this process so far: pages the kernel mapped in on first touch."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-class StepClock(L.Callback):
-    """perf_counter() at the start and the end of every training batch, `minor_faults()` at the
-    end, and the [start, end] of every validation run after the sanity check; written to `path`
-    as JSON when training ends."""
-
-    def __init__(self, path: str) -> None:
-        self.path = Path(path)
-        self.record: dict[str, list] = {
-            "batch_start": [],
-            "batch_end": [],
-            "faults": [],
-            "validation": [],
-        }
-        self._validation_start = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.record["batch_start"].append(time.perf_counter())
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.record["batch_end"].append(time.perf_counter())
-        self.record["faults"].append(minor_faults())
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        self._validation_start = time.perf_counter()
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self.record["validation"].append([self._validation_start, time.perf_counter()])
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.path.write_text(json.dumps(self.record))
-
-
-@dataclass
-class RunTiming:
-    """The timed steps of one run: their wall time (validation excluded), the median step, the
-    time spent between steps waiting for the next batch (see `template_timing`, `time_bare`) and
-    the minor page faults per step."""
-
-    seconds: float
-    median_step: float
-    wait_seconds: float
-    median_wait: float
-    faults_per_step: float
-
-
-def template_timing(record: dict[str, list], warmup: int, steps: int) -> RunTiming:
-    """A `StepClock` record's steps warmup+1 .. warmup+steps: from the end of step `warmup` to the
-    end of the last, less any validation in between. The wait before step k is the time from the
-    end of step k-1 to the start of step k: fetching the batch plus what Lightning and the
-    callbacks that run after the clock do there (LastCheckpoint's saves among them)."""
-    starts, ends = record["batch_start"], record["batch_end"]
-    window = range(warmup, warmup + steps)  # 0-based indices of the timed steps
-    opened, closed = ends[warmup - 1], ends[window[-1]]
-    validation = sum(end - start for start, end in record["validation"] if opened < start < closed)
-    periods = [ends[i] - ends[i - 1] for i in window]
-    waits = [starts[i] - ends[i - 1] for i in window]
-    seconds = closed - opened - validation
-    faults = (record["faults"][window[-1]] - record["faults"][warmup - 1]) / steps
-    return RunTiming(
-        seconds, statistics.median(periods), sum(waits), statistics.median(waits), faults
-    )
-
-
-def run_logged(command: Sequence[str], log_path: Path, env: dict[str, str]) -> float:
-    """Run `command` with its output in `log_path`; its peak resident set size in MiB."""
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode:
-        tail = log_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{' '.join(command)} exited {process.returncode}:\n{tail}")
-    return usage.ru_maxrss / 2**10  # KiB on Linux
 
 
 def endless(loader: Iterable) -> Iterator:
@@ -155,38 +81,151 @@ class BareLoop:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def time_bare(loop: BareLoop, batches: Iterator, warmup: int, steps: int) -> RunTiming:
-    """`warmup` then `steps` timed steps; a step's clock runs from asking for its batch to the end
-    of its optimizer step, and its wait is the `next(batches)` call alone."""
+def bare_steps(loop: BareLoop, batches: Iterator, count: int) -> tuple[list[float], list[float]]:
+    """`count` steps; per step, the time from asking for its batch to the end of its optimizer
+    step, and the time of the `next(batches)` call alone (the wait for data)."""
     periods, waits = [], []
-    for index in range(warmup + steps):
-        if index == warmup:
-            faults = minor_faults()
+    for _ in range(count):
         start = time.perf_counter()
         batch = next(batches)
         fetched = time.perf_counter()
         loop.step(batch)
-        if index >= warmup:
-            periods.append(time.perf_counter() - start)
-            waits.append(fetched - start)
-    faults = (minor_faults() - faults) / steps
-    return RunTiming(
-        sum(periods), statistics.median(periods), sum(waits), statistics.median(waits), faults
-    )
+        periods.append(time.perf_counter() - start)
+        waits.append(fetched - start)
+    return periods, waits
+
+
+@dataclass
+class RunTiming:
+    """Timed steps: their total and median time, the total and median wait for the next batch,
+    and the minor page faults per step."""
+
+    seconds: float
+    median_step: float
+    wait_seconds: float
+    median_wait: float
+    faults_per_step: float
+
+    @classmethod
+    def of(cls, periods: list[float], waits: list[float], faults: int) -> RunTiming:
+        return cls(
+            sum(periods),
+            statistics.median(periods),
+            sum(waits),
+            statistics.median(waits),
+            faults / len(periods),
+        )
+
+
+class StepClock(L.Callback):
+    """Records perf_counter() at the start and the end of every training batch and the minor page
+    faults at its end, and leaves out the validation runs (after the sanity check) and the twin's
+    steps: with `twin_every`, a `BareLoop` of a copy of the model (its initial weights, its own
+    pass over the train DataLoader) runs `warmup` untimed steps at train start, then `twin_every`
+    steps after each `twin_every` steps past `warmup`. Written to `path` as JSON at train end."""
+
+    def __init__(self, path: str, warmup: int = 0, twin_every: int = 0) -> None:
+        self.path = Path(path)
+        self.warmup, self.twin_every = warmup, twin_every
+        self.record: dict[str, Any] = {
+            "batch_start": [],
+            "batch_end": [],
+            "faults": [],
+            "left_out": [],  # [start, end] of each validation run and twin block
+            "twin": {"periods": [], "waits": [], "faults": 0},
+        }
+        self.twin: BareLoop | None = None
+        self.twin_batches: Iterator | None = None
+        self._validation_start = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not self.twin_every:
+            return
+        copy = type(pl_module)(**pl_module.hparams)
+        copy.load_state_dict(pl_module.state_dict())
+        self.twin = BareLoop(copy, trainer.max_steps, trainer.gradient_clip_val)
+        self.twin_batches = endless(trainer.datamodule.train_dataloader())
+        bare_steps(self.twin, self.twin_batches, self.warmup)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.record["batch_start"].append(time.perf_counter())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        past_warmup = trainer.global_step - self.warmup
+        if self.twin is not None and past_warmup > 0 and past_warmup % self.twin_every == 0:
+            self._twin_block()
+        self.record["batch_end"].append(time.perf_counter())
+        self.record["faults"].append(minor_faults() - self.record["twin"]["faults"])
+
+    def _twin_block(self) -> None:
+        twin, faults, start = self.record["twin"], minor_faults(), time.perf_counter()
+        periods, waits = bare_steps(self.twin, self.twin_batches, self.twin_every)
+        self.record["left_out"].append([start, time.perf_counter()])
+        twin["periods"] += periods
+        twin["waits"] += waits
+        twin["faults"] += minor_faults() - faults
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._validation_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.record["left_out"].append([self._validation_start, time.perf_counter()])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.path.write_text(json.dumps(self.record))
+
+
+def template_timing(record: dict[str, Any], warmup: int, steps: int) -> RunTiming:
+    """Steps warmup+1 .. warmup+steps of a `StepClock` record. A step's time runs from the end of
+    the step before it to its own end, and its wait from that end to its start: the fetch of its
+    batch plus what Lightning and the callbacks after the clock do there (such as LastCheckpoint's
+    saves); both less what the clock left out (validation, twin steps)."""
+    starts, ends, left_out = record["batch_start"], record["batch_end"], record["left_out"]
+
+    def kept(begin: float, end: float) -> float:
+        return end - begin - sum(b - a for a, b in left_out if begin <= a < end)
+
+    window = range(warmup, warmup + steps)  # 0-based indices of the timed steps
+    periods = [kept(ends[i - 1], ends[i]) for i in window]
+    waits = [kept(ends[i - 1], starts[i]) for i in window]
+    faults = record["faults"][window[-1]] - record["faults"][warmup - 1]
+    return RunTiming.of(periods, waits, faults)
+
+
+def twin_timing(record: dict[str, Any]) -> RunTiming:
+    """The timed twin steps of a `StepClock` record."""
+    twin = record["twin"]
+    return RunTiming.of(twin["periods"], twin["waits"], twin["faults"])
+
+
+def run_logged(command: Sequence[str], log_path: Path, env: dict[str, str]) -> float:
+    """Run `command` with its output in `log_path`; its peak resident set size in MiB."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{' '.join(command)} exited {process.returncode}:\n{tail}")
+    return usage.ru_maxrss / 2**10  # KiB on Linux
 
 
 def bare_run(train_cfg: dict, warmup: int, steps: int, fit_setup: bool = True) -> dict:
-    """The bare loop as train.py would train `train_cfg` (a resolved train config): the same
-    seed, model, DataLoader, optimizer, schedule and clipping (`fit_setup`: see BareLoop). Meant
-    for a fresh process, so that it starts as train.py does; returns its `RunTiming` fields and
-    the process's peak RSS (MiB)."""
+    """The bare loop alone, as train.py would train `train_cfg` (a resolved train config): the
+    same seed, model, DataLoader, optimizer, schedule and clipping (`fit_setup`: see BareLoop).
+    Meant for a fresh process; returns its `RunTiming` fields and its peak RSS (MiB)."""
     cfg = OmegaConf.create(train_cfg)
     quiet_lightning()
     datamodule = build_datamodule(cfg.data)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     clip = cfg.trainer.gradient_clip_val
     loop = BareLoop(instantiate(cfg.model), warmup + steps, clip, fit_setup)
-    timing = time_bare(loop, endless(datamodule.train_dataloader()), warmup, steps)
+    batches = endless(datamodule.train_dataloader())
+    bare_steps(loop, batches, warmup)
+    faults = minor_faults()
+    periods, waits = bare_steps(loop, batches, steps)
+    timing = RunTiming.of(periods, waits, minor_faults() - faults)
     return {**vars(timing), "peak_rss_mib": peak_memory_mib(torch.device("cpu"))}
 
 
@@ -219,6 +258,21 @@ def time_placements(
                 times.append(time.perf_counter() - start)
             medians[name].append(statistics.median(times))
     return medians
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.9) -> tuple[float, float, float]:
+    """A distribution-free interval for the median that `values` are samples of: their k-th
+    smallest and k-th largest, k as large as keeps P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2
+    (at least 1: the extremes); returned with the confidence it reaches, 1 - 2 P(... < k)."""
+    n, ordered = len(values), sorted(values)
+
+    def below(k: int) -> float:
+        return sum(math.comb(n, i) for i in range(k)) / 2**n
+
+    k = 1
+    while k < n // 2 and below(k + 1) <= (1 - confidence) / 2:
+        k += 1
+    return ordered[k - 1], ordered[n - k], 1 - 2 * below(k)
 
 
 def matmul_peak(sizes: Iterable[int]) -> dict[int, float]:

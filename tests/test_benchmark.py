@@ -1,0 +1,69 @@
+"""The benchmark's bare loop trains exactly as Lightning does (else its ratio compares different
+work), and its interval for the median ratio."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from spannorm.analysis.benchmark import BareLoop, median_interval
+from spannorm.lm import LanguageModel
+
+MODEL = {"vocab_size": 64, "d_model": 32, "n_heads": 2, "n_layers": 2, "max_seq_len": 16}
+OPTIM = {"lr": 3e-2, "warmup_steps": 2}
+
+
+def batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 64, (count, 4, 17), generator=generator)
+    return [(t[:, :-1], t[:, 1:]) for t in tokens]
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_bare_loop_matches_the_lightning_trainer(clip):
+    """Same init, batches, AdamW groups, schedule and clipping: the same weights after 6 steps.
+    A clip of 0.05 is active at every step (the gradient norms are ~1), so clipping is compared."""
+    steps, data = 6, batches(6)
+    torch.manual_seed(0)
+    trained = LanguageModel(optim=OPTIM, **MODEL)
+    bare = LanguageModel(optim=OPTIM, **MODEL)
+    bare.load_state_dict(trained.state_dict())
+    initial = next(trained.parameters()).detach().clone()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        gradient_clip_val=clip,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(trained, DataLoader(data, batch_size=None))
+    loop = BareLoop(bare, steps, clip)
+    for batch in data:
+        loop.step(batch)
+    for (name, a), b in zip(trained.state_dict().items(), bare.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.allclose(next(trained.parameters()), initial)  # it trained
+
+
+def test_bare_loop_clipping_changes_the_result():
+    """The comparison above can fail: clipping at 0.05 or not gives different weights."""
+    data, models = batches(3), []
+    for clip in (None, 0.05):
+        torch.manual_seed(0)
+        loop = BareLoop(LanguageModel(optim=OPTIM, **MODEL), 3, clip)
+        for batch in data:
+            loop.step(batch)
+        models.append(next(loop.lm.parameters()).detach())
+    assert not torch.allclose(*models, rtol=1e-5, atol=1e-6)
+
+
+def test_median_interval():
+    # n = 9: P(Binomial(9, 1/2) < 2) = 10/512 <= 0.05 < P(... < 3) = 46/512, so k = 2
+    low, high, confidence = median_interval([5, 1, 9, 2, 8, 3, 7, 4, 6])
+    assert (low, high) == (2, 8) and confidence == pytest.approx(1 - 20 / 512)
+    # n = 3: only the extremes, with confidence 1 - 2/8
+    assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0, 0.75)
