@@ -5,40 +5,48 @@
 # last checkpoint. One job at a time (2 CPU cores).
 #
 #   scripts/run_sweeps.sh depth     # 8 placements + SpanNorm with attn_in_sum, seeds 1 and 2
-#   scripts/run_sweeps.sh lr        # prenorm, postnorm, spannorm at lr 3e-4, 3e-3, 1e-2
+#   scripts/run_sweeps.sh lr        # prenorm, postnorm, spannorm at lr 1e-2, 3e-3, 3e-4
 #                                   # (lr 1e-3 is the depth sweep's seed 1)
 #   scripts/run_sweeps.sh compare   # tables and plots into docs/results/
-#   scripts/run_sweeps.sh all       # seed 1 of the depth sweep, the LR sweep, seed 2, compare
+#   scripts/run_sweeps.sh all       # all of it, most informative runs first: seed 1 of every
+#                                   # placement, the highest lr, seed 2 of prenorm/postnorm/
+#                                   # spannorm, then the rest; compare
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 SWEEPS=${SWEEPS_DIR:-outputs/sweeps}
-PLACEMENTS=prenorm,postnorm,spannorm,deepnorm,sandwich,mixln,hybridnorm,b2t
 
-depth_seed() {  # one seed of every placement, then SpanNorm with the attention output in the sum
-  "$PY" train.py -m experiment=depth_sweep "seed=$1" "model.norm=$PLACEMENTS" \
-    "hydra.sweep.dir=$SWEEPS/depth/seed$1" resume=auto
+KEY=prenorm,postnorm,spannorm  # the placements the paper's claim is about
+OTHERS=deepnorm,sandwich,mixln,hybridnorm,b2t
+
+depth() {  # depth SEED PLACEMENTS NAME: one multirun into $SWEEPS/depth/NAME
+  "$PY" train.py -m experiment=depth_sweep "seed=$1" "model.norm=$2" \
+    "hydra.sweep.dir=$SWEEPS/depth/$3" resume=auto
+}
+
+attn_in_sum() {  # attn_in_sum SEED: SpanNorm with the attention output inside the normalized sum
   "$PY" train.py -m experiment=depth_sweep "seed=$1" model.norm=spannorm model.attn_in_sum=true \
     "hydra.sweep.dir=$SWEEPS/depth/seed${1}_attn_in_sum" resume=auto
 }
 
-lr() {
-  "$PY" train.py -m experiment=lr_sweep seed=1 model.norm=prenorm,postnorm,spannorm \
-    optim.lr=3e-4,3e-3,1e-2 "hydra.sweep.dir=$SWEEPS/lr" resume=auto
+lr() {  # lr LR: the key placements at one learning rate, into $SWEEPS/lr/LR
+  "$PY" train.py -m experiment=lr_sweep seed=1 "model.norm=$KEY" "optim.lr=$1" \
+    "hydra.sweep.dir=$SWEEPS/lr/$1" resume=auto
 }
 
 compare() {
-  local depth_runs=("$SWEEPS"/depth/seed*)
-  "$PY" scripts/compare_runs.py "${depth_runs[@]}" \
+  "$PY" scripts/compare_runs.py "$SWEEPS"/depth/seed* \
     --group-by model.norm,model.attn_in_sum --out docs/results/depth
-  "$PY" scripts/compare_runs.py "$SWEEPS/lr" "$SWEEPS"/depth/seed1/{0,1,2} \
+  "$PY" scripts/compare_runs.py "$SWEEPS"/lr/* "$SWEEPS"/depth/seed1/{0,1,2} \
     --group-by model.norm --pivot optim.lr --out docs/results/lr
 }
 
 case "${1:-all}" in
-  depth) depth_seed 1 && depth_seed 2 ;;
-  lr) lr ;;
+  depth) depth 1 "$KEY,$OTHERS" seed1 && attn_in_sum 1 &&
+    depth 2 "$KEY" seed2 && depth 2 "$OTHERS" seed2_others && attn_in_sum 2 ;;
+  lr) lr 1e-2 && lr 3e-3 && lr 3e-4 ;;
   compare) compare ;;
-  all) depth_seed 1 && lr && depth_seed 2 && compare ;;
+  all) depth 1 "$KEY,$OTHERS" seed1 && attn_in_sum 1 && lr 1e-2 && depth 2 "$KEY" seed2 &&
+    depth 2 "$OTHERS" seed2_others && attn_in_sum 2 && lr 3e-3 && lr 3e-4 && compare ;;
   *) echo "error: unknown sweep '$1'; choose one of: depth, lr, compare, all" >&2; exit 2 ;;
 esac
