@@ -2,6 +2,7 @@
 divergence, loss spikes), loss curves and the final val loss per group.
 
     .venv/bin/python scripts/compare_runs.py outputs/multirun/<sweep> --group-by model.norm
+    .venv/bin/python scripts/compare_runs.py outputs/sweeps/lr/* --pivot optim.lr
     .venv/bin/python scripts/compare_runs.py outputs/runs/<run a> outputs/runs/<run b> --out cmp
 """
 
@@ -18,12 +19,19 @@ def main() -> None:
     parser.add_argument(
         "paths", nargs="+", type=Path, help="run directories or multirun directories"
     )
-    parser.add_argument("--group-by", default="model.norm", help="config key to color and group by")
+    parser.add_argument(
+        "--group-by",
+        default="model.norm",
+        help="config key to color and group by; several: comma-separated (model.norm,seed)",
+    )
+    parser.add_argument(
+        "--pivot", help="config key for a groups x values table and plot (e.g. optim.lr)"
+    )
     parser.add_argument(
         "--out", type=Path, help="output directory (default: <runs' parent>/compare)"
     )
     args = parser.parse_args()
-    for path in compare(args.paths, args.group_by, args.out):
+    for path in compare(args.paths, args.group_by, args.out, args.pivot):
         print(path)
 
 

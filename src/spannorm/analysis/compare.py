@@ -92,6 +92,20 @@ class Run:
         return series[0][0] if series else None
 
     @property
+    def complete(self) -> bool:
+        """Trained to its trainer.max_steps, or stopped by the divergence guard."""
+        max_steps = self.settings.get("trainer.max_steps")
+        if self.diverged_at is not None or not isinstance(max_steps, int):
+            return True
+        return self.last_step >= max_steps - 1
+
+    def layer_profile(self, metric: str) -> list[float]:
+        """`layers/<metric>/block_<l>` at the last step it was logged, in block order."""
+        prefix = f"layers/{metric}/block_"
+        tags = sorted(tag for tag in self.scalars if tag.startswith(prefix))
+        return [self.scalars[tag][-1][1] for tag in tags]
+
+    @property
     def loss_spikes(self) -> int | None:
         spikes = self.values("train/loss_spikes")
         return int(spikes[-1]) if spikes else None
@@ -173,46 +187,94 @@ def runs_table(runs: list[Run], keys: list[str]) -> str:
 
 
 def group_runs(runs: list[Run], group_by: str) -> dict[str, list[Run]]:
-    """Runs by their value of the setting `group_by` (a dotted config key or an override)."""
-    if not any(group_by in run.settings for run in runs):
-        raise ValueError(
-            f"--group-by {group_by!r} is set in none of the runs; settings that differ between "
-            f"them: {', '.join(differing_keys(runs)) or '(none)'}"
-        )
+    """Runs by their values of the settings in `group_by`: one dotted config key or override, or
+    several separated by commas (the group's name joins their values with " / ")."""
+    keys = group_by.split(",")
+    for key in keys:
+        if not any(key in run.settings for run in runs):
+            raise ValueError(
+                f"--group-by {key!r} is set in none of the runs; settings that differ between "
+                f"them: {', '.join(differing_keys(runs)) or '(none)'}"
+            )
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        groups.setdefault(str(run.settings.get(group_by, "(unset)")), []).append(run)
+        name = " / ".join(str(run.settings.get(key, "(unset)")) for key in keys)
+        groups.setdefault(name, []).append(run)
     return groups
 
 
-def group_final_losses(runs: list[Run]) -> list[float]:
-    """Final val losses of the runs that neither diverged nor lack one."""
-    return [
-        r.final_val_loss for r in runs if r.diverged_at is None and not math.isnan(r.final_val_loss)
-    ]
+def finished_losses(runs: list[Run], loss: str = "final_val_loss") -> list[float]:
+    """`loss` of each run that finished its steps without diverging and has one."""
+    values = (getattr(r, loss) for r in runs if r.complete and r.diverged_at is None)
+    return [v for v in values if not math.isnan(v)]
+
+
+def mean_spread(values: list[float]) -> str:
+    """"mean ± sample std", the value alone if there is one, "–" if none."""
+    if len(values) < 2:
+        return format_number(values[0]) if values else "–"
+    return f"{format_number(statistics.mean(values))} ± {format_number(statistics.stdev(values))}"
 
 
 def groups_table(groups: dict[str, list[Run]], group_by: str) -> str:
-    """Per group: runs, diverged runs, and mean ± sample std, min, max of the final val loss
-    over the runs that did not diverge."""
+    """Per group: runs, diverged and unfinished runs, and over the runs that finished without
+    diverging, the mean ± sample std of the final and the best val loss, and the final's range."""
     rows = []
     for value, members in groups.items():
-        losses = group_final_losses(members)
-        spread = statistics.stdev(losses) if len(losses) > 1 else 0.0
+        final = finished_losses(members)
         rows.append(
             [
                 value,
                 str(len(members)),
                 str(sum(r.diverged_at is not None for r in members)),
-                f"{format_number(statistics.mean(losses))} ± {format_number(spread)}"
-                if losses
-                else "–",
-                format_number(min(losses, default=math.nan)),
-                format_number(max(losses, default=math.nan)),
+                str(sum(not r.complete for r in members)),
+                mean_spread(final),
+                mean_spread(finished_losses(members, "best_val_loss")),
+                format_number(min(final, default=math.nan)),
+                format_number(max(final, default=math.nan)),
             ]
         )
-    header = [group_by, "runs", "diverged", "final val loss mean ± std", "min", "max"]
+    header = [
+        group_by.replace(",", " / "),
+        "runs",
+        "diverged",
+        "unfinished",
+        "final val loss mean ± std",
+        "best val loss mean ± std",
+        "min",
+        "max",
+    ]
     return markdown_table(header, rows)
+
+
+def sort_key(value: str) -> tuple[int, float | str]:
+    """Numbers in numeric order, before anything else in text order."""
+    try:
+        return (0, float(value))
+    except ValueError:
+        return (1, value)
+
+
+def pivot_table(groups: dict[str, list[Run]], group_by: str, pivot: str) -> str:
+    """Groups as rows, the values of the setting `pivot` as columns; a cell: the final val loss
+    (mean ± std over seeds), or which runs diverged (at which step) or are unfinished."""
+    columns = sorted(
+        {str(r.settings.get(pivot)) for rs in groups.values() for r in rs}, key=sort_key
+    )
+    rows = []
+    for value, members in groups.items():
+        cells = []
+        for column in columns:
+            runs = [r for r in members if str(r.settings.get(pivot)) == column]
+            losses = finished_losses(runs)
+            notes = [mean_spread(losses)] if losses else []
+            notes += [
+                f"diverged at step {r.diverged_at}" for r in runs if r.diverged_at is not None
+            ]
+            notes += ["unfinished" for r in runs if not r.complete]
+            cells.append("; ".join(notes))
+        rows.append([value, *cells])
+    return markdown_table([f"{group_by.replace(',', ' / ')} \\ {pivot}", *columns], rows)
 
 
 def plot_loss_curves(groups: dict[str, list[Run]], group_by: str, path: Path) -> None:
@@ -244,7 +306,7 @@ def plot_group_summary(groups: dict[str, list[Run]], group_by: str, path: Path) 
     figure = Figure(figsize=(max(4, 1.2 * len(groups)), 3.5), layout="constrained")
     axes = figure.subplots()
     for position, members in enumerate(groups.values()):
-        losses = group_final_losses(members)
+        losses = finished_losses(members)
         if not losses:
             continue
         axes.scatter([position] * len(losses), losses, color=f"C{position % 10}", alpha=0.6, s=14)
@@ -260,22 +322,96 @@ def plot_group_summary(groups: dict[str, list[Run]], group_by: str, path: Path) 
     figure.savefig(path, dpi=100)
 
 
-def compare(paths: list[Path], group_by: str, out: Path | None = None) -> list[Path]:
-    """Write `runs.md`, `loss_curves.png` and `final_val_loss_by_group.png` into `out` (default:
-    `compare/` in the runs' common parent); return their paths."""
+def plot_pivot(groups: dict[str, list[Run]], group_by: str, pivot: str, path: Path) -> None:
+    """Final val loss against the setting `pivot` (log axis when it spans 10x or more), a line per
+    group through the means; diverged runs as crosses on the top edge."""
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    axes = figure.subplots()
+    top = max((v for rs in groups.values() for v in finished_losses(rs)), default=1.0)
+    for color, (value, members) in enumerate(groups.items()):
+        xs = sorted({float(r.settings[pivot]) for r in members if pivot in r.settings})
+        means = [
+            (x, statistics.mean(losses))
+            for x in xs
+            if (losses := finished_losses([r for r in members if float(r.settings[pivot]) == x]))
+        ]
+        if means:
+            axes.plot(*zip(*means, strict=True), "o-", color=f"C{color % 10}", label=value)
+        diverged = [float(r.settings[pivot]) for r in members if r.diverged_at is not None]
+        axes.plot(diverged, [top * 1.05] * len(diverged), "x", color=f"C{color % 10}", ms=10)
+    values = [float(r.settings[pivot]) for rs in groups.values() for r in rs if pivot in r.settings]
+    if values and min(values) > 0 and max(values) >= 10 * min(values):
+        axes.set_xscale("log")
+    axes.set(xlabel=pivot, ylabel="final val loss (nats)", title="x: diverged")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.savefig(path, dpi=100)
+
+
+PROFILE_METRICS = ("rms", "stream_grad_norm", "update_ratio", "cos")
+
+
+def plot_layer_profiles(groups: dict[str, list[Run]], path: Path) -> bool:
+    """Per-block statistics at each run's last logged step (callbacks.layer_stats), a panel per
+    metric, a line per run colored by group; False (nothing drawn) if no run logged them."""
+    if not any(run.layer_profile("rms") for rs in groups.values() for run in rs):
+        return False
+    figure = Figure(figsize=(12, 3.4), layout="constrained")
+    panels = figure.subplots(1, len(PROFILE_METRICS))
+    for color, (value, members) in enumerate(groups.items()):
+        for index, run in enumerate(members):
+            for axes, metric in zip(panels, PROFILE_METRICS, strict=True):
+                profile = run.layer_profile(metric)
+                axes.plot(
+                    range(len(profile)),
+                    profile,
+                    color=f"C{color % 10}",
+                    alpha=0.8,
+                    label=value if index == 0 else None,
+                )
+    for axes, metric in zip(panels, PROFILE_METRICS, strict=True):
+        axes.set(title=metric, xlabel="block")
+        if metric != "cos":
+            axes.set_yscale("log")
+        axes.grid(alpha=0.3)
+    panels[0].legend(fontsize=7)
+    figure.savefig(path, dpi=100)
+    return True
+
+
+def compare(
+    paths: list[Path], group_by: str, out: Path | None = None, pivot: str | None = None
+) -> list[Path]:
+    """Write `runs.md`, `loss_curves.png`, `final_val_loss_by_group.png`, with `pivot` also
+    `final_val_loss_by_<pivot>.png`, and `layer_profiles.png` where the runs logged layer
+    statistics, into `out` (default: `compare/` in the runs' common parent); return their paths."""
     found = find_runs(paths)
     runs = [Run.load(path, name) for path, name in found]
     out = Path(out) if out is not None else common_parent([p for p, _ in found]) / "compare"
     out.mkdir(parents=True, exist_ok=True)
     keys = differing_keys(runs)
     groups = group_runs(runs, group_by)
-    report = out / "runs.md"
-    report.write_text(
-        f"# {len(runs)} runs\n\n{runs_table(runs, keys)}\n\n"
-        f"## Final validation loss by {group_by}\n\n{groups_table(groups, group_by)}\n\n"
-        "![loss curves](loss_curves.png)\n\n![final val loss by group](final_val_loss_by_group.png)\n",
-        encoding="utf-8",
+    written = [out / "runs.md", out / "loss_curves.png", out / "final_val_loss_by_group.png"]
+    plot_loss_curves(groups, group_by, written[1])
+    plot_group_summary(groups, group_by, written[2])
+    sections = [
+        f"# {len(runs)} runs\n\n{runs_table(runs, keys)}",
+        f"## Final validation loss by {group_by.replace(',', ' / ')}\n\n"
+        "Over the runs that finished without diverging.\n\n"
+        f"{groups_table(groups, group_by)}",
+    ]
+    if pivot is not None:
+        written.append(out / f"final_val_loss_by_{pivot}.png")
+        plot_pivot(groups, group_by, pivot, written[-1])
+        sections.append(
+            f"## Final validation loss by {pivot}\n\n{pivot_table(groups, group_by, pivot)}\n\n"
+            f"![final val loss by {pivot}]({written[-1].name})"
+        )
+    sections.append(
+        "![loss curves](loss_curves.png)\n\n![final val loss by group](final_val_loss_by_group.png)"
     )
-    plot_loss_curves(groups, group_by, out / "loss_curves.png")
-    plot_group_summary(groups, group_by, out / "final_val_loss_by_group.png")
-    return [report, out / "loss_curves.png", out / "final_val_loss_by_group.png"]
+    if plot_layer_profiles(groups, out / "layer_profiles.png"):
+        written.append(out / "layer_profiles.png")
+        sections.append("![per-block statistics at the last logged step](layer_profiles.png)")
+    written[0].write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    return written
