@@ -210,7 +210,7 @@ def finished_losses(runs: list[Run], loss: str = "final_val_loss") -> list[float
 
 
 def mean_spread(values: list[float]) -> str:
-    """"mean ± sample std", the value alone if there is one, "–" if none."""
+    """ "mean ± sample std", the value alone if there is one, "–" if none."""
     if len(values) < 2:
         return format_number(values[0]) if values else "–"
     return f"{format_number(statistics.mean(values))} ± {format_number(statistics.stdev(values))}"
