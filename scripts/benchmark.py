@@ -71,9 +71,10 @@ def check_config(cfg: DictConfig) -> None:
     bench = cfg.bench
     if cfg.trainer.accelerator != "cpu" or str(cfg.trainer.precision) not in ("32-true", "32"):
         raise UsageError("scripts/benchmark.py times the CPU fp32 path: use trainer=cpu")
-    if min(bench.warmup_steps, bench.twin_every, bench.rounds) < 1 or bench.timed_steps < 2:
+    if min(bench.warmup_steps, bench.twin_every) < 1 or bench.rounds < 0 or bench.timed_steps < 2:
         raise UsageError(
-            "bench.warmup_steps, bench.twin_every and bench.rounds >= 1, bench.timed_steps >= 2"
+            "bench.warmup_steps and bench.twin_every >= 1, bench.rounds >= 0 (0 skips (a)), "
+            "bench.timed_steps >= 2"
         )
     if bench.timed_steps % bench.twin_every:
         raise UsageError("bench.timed_steps must be a multiple of bench.twin_every")
@@ -249,14 +250,11 @@ def row(cells: list) -> str:
     return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
 
-def markdown(results: dict) -> str:
-    """The results as markdown tables, with the command, the machine and the load."""
+def training_section(results: dict) -> list[str]:
+    """(a) and (d): per round and arm tokens/s and the ratios, then the per-arm medians."""
     training = results["training"]
     arms, ratios = list(training["arms"]), list(training["ratios"])
     peak = max(results["matmul_flops"].values())
-
-    def mfu(tokens_per_s: float) -> str:
-        return f"{100 * tokens_per_s * results['flops_per_token'] / peak:.1f}%"
 
     def per_arm(name: str, arm: dict, peak_rss: float | None) -> str:
         return row(
@@ -269,18 +267,12 @@ def markdown(results: dict) -> str:
                 f"{100 * arm['wait_share']:.2f}%",
                 f"{arm['faults_per_step']:.0f}",
                 "-" if peak_rss is None else f"{peak_rss:.0f}",
-                mfu(arm["tokens_per_s"]),
+                f"{100 * arm['tokens_per_s'] * results['flops_per_token'] / peak:.1f}%",
             ]
         )
 
     alone = training["alone"]
-    lines = [
-        f"Command: `{results['command']}`  ",
-        f"Machine: {results['machine']}, torch {results['torch']} ({results['threads']} threads); "
-        f"1-minute load average {results['load_start']} at the start, {results['load_end']} at "
-        f"the end; {results['started']}, {results['minutes']:.1f} min.  ",
-        f"Shape: {results['shape']}.",
-        "",
+    return [
         "(a) tokens/s over the timed steps, and ratios",
         "",
         row(["round", "load", *arms, *ratios]),
@@ -333,11 +325,25 @@ def markdown(results: dict) -> str:
         ),
         per_arm("train.py alone", alone, alone["peak_rss_mib"]),
         "",
+    ]
+
+
+def markdown(results: dict) -> str:
+    """The results as markdown tables, with the command, the machine and the load."""
+    lines = [
+        f"Command: `{results['command']}`  ",
+        f"Machine: {results['machine']}, torch {results['torch']} ({results['threads']} threads); "
+        f"1-minute load average {results['load_start']} at the start, {results['load_end']} at "
+        f"the end; {results['started']}, {results['minutes']:.1f} min.  ",
+        f"Shape: {results['shape']}.",
+        "",
+        *(training_section(results) if "training" in results else []),
         "fp32 matmul GFLOP/s by size: "
         + ", ".join(f"{n}: {flops / 1e9:.0f}" for n, flops in results["matmul_flops"].items())
         + f"; FLOPs per token 6N + 12LdT = {results['flops_per_token'] / 1e6:.2f} M.",
         "",
-        "(b) step time (fwd+bwd+optimizer) per placement",
+        "(b) step time (fwd+bwd+optimizer) per placement: median over rounds of the ratio of the "
+        "round medians",
         "",
         row(["placement", "median step (ms)", "/ prenorm"]),
         row(["---", "---:", "---:"]),
@@ -346,16 +352,19 @@ def markdown(results: dict) -> str:
             for name, p in results["placements"].items()
         ),
         "",
-        "(c) data path (seconds)",
-        "",
-        row(["stage", "s"]),
-        row(["---", "---:"]),
-        *(
-            row([stage, "-" if seconds is None else f"{seconds:.2f}"])
-            for stage, seconds in results.get("data", {}).items()
-        ),
-        "",
     ]
+    if "data" in results:
+        lines += [
+            "(c) data path (seconds)",
+            "",
+            row(["stage", "s"]),
+            row(["---", "---:"]),
+            *(
+                row([stage, "-" if seconds is None else f"{seconds:.2f}"])
+                for stage, seconds in results["data"].items()
+            ),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -388,7 +397,8 @@ def main(cfg: DictConfig) -> None:
             results["data"] = time_data_path(cfg.data, Path(data_dir), bench.cached_repeats)
         console.print(f"data path (s): {results['data']}")
     results["flops_per_token"] = flops_per_token(instantiate(cfg.model).model, cfg.data.seq_len)
-    results["training"] = compare_with_bare_loop(cfg)
+    if bench.rounds:
+        results["training"] = compare_with_bare_loop(cfg)
     results["placements"] = compare_placements(cfg, build_datamodule(cfg.data))
     results["load_end"] = load()
     results["minutes"] = (time.perf_counter() - started) / 60
