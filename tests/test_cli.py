@@ -96,12 +96,15 @@ def test_generate_samples_text_with_and_without_cache(trained_run, tmp_path):
     assert texts[0] == texts[1]  # greedy decoding: the cache must not change the result
 
 
-def test_multirun_writes_separate_run_dirs(tiny_corpus, tmp_path):
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]])
+def test_multirun_writes_separate_run_dirs(tiny_corpus, tmp_path, launcher):
+    """Jobs one after another (Hydra's basic launcher) or in parallel processes (joblib)."""
     overrides = tiny_overrides(tiny_corpus, "trainer.max_steps=4", "trainer.val_check_interval=4")
     run_entry(
         "train.py",
         "-m",
         *overrides,
+        *launcher,
         "model.n_layers=1,2",
         f"hydra.sweep.dir={tmp_path}",
     )
@@ -110,6 +113,24 @@ def test_multirun_writes_separate_run_dirs(tiny_corpus, tmp_path):
     for job in job_dirs:
         assert (job / "checkpoints" / "last.ckpt").is_file()
         assert read_scalars(job)["val/loss"]
+
+
+def test_a_diverged_job_does_not_end_its_sweep(tiny_corpus, tmp_path):
+    """lr 1e30 without clipping turns the loss NaN at the second step: that job reports it, the
+    next job still runs, and the sweep exits 0."""
+    overrides = tiny_overrides(
+        tiny_corpus,
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "optim.warmup_steps=0",
+        "trainer.gradient_clip_val=null",
+    )
+    result = run_entry(
+        "train.py", "-m", *overrides, "optim.lr=1e30,1e-2", f"hydra.sweep.dir={tmp_path}"
+    )
+    assert "error: training diverged: loss is nan at step 1" in result.stderr
+    assert read_scalars(tmp_path / "0")["train/diverged"] == [(1, 1.0)]
+    assert read_scalars(tmp_path / "1")["val/loss"]
 
 
 def test_unknown_norm_is_one_line_error(tiny_corpus, tmp_path):
