@@ -34,10 +34,13 @@ lr() {  # lr LR: the key placements at one learning rate, into $SWEEPS/lr/LR
     "hydra.sweep.dir=$SWEEPS/lr/$1" resume=auto
 }
 
-compare() {
+compare() {  # whatever has run so far; unfinished runs are marked and left out of the statistics
+  shopt -s nullglob
   "$PY" scripts/compare_runs.py "$SWEEPS"/depth/seed* \
     --group-by model.norm,model.attn_in_sum --out docs/results/depth
-  "$PY" scripts/compare_runs.py "$SWEEPS"/lr/* "$SWEEPS"/depth/seed1/{0,1,2} \
+  "$PY" scripts/compare_runs.py "$SWEEPS"/depth/seed[12]/[02] \
+    --group-by model.norm --out docs/results/prenorm_vs_spannorm
+  "$PY" scripts/compare_runs.py "$SWEEPS"/lr/* "$SWEEPS"/depth/seed1/[012] \
     --group-by model.norm --pivot optim.lr --out docs/results/lr
 }
 
