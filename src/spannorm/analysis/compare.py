@@ -203,6 +203,11 @@ def group_runs(runs: list[Run], group_by: str) -> dict[str, list[Run]]:
     return groups
 
 
+def group_label(group_by: str, value: str) -> str:
+    """`key=value` for one grouping key; the values alone for several (they are in the title)."""
+    return value if "," in group_by else f"{group_by}={value}"
+
+
 def finished_losses(runs: list[Run], loss: str = "final_val_loss") -> list[float]:
     """`loss` of each run that finished its steps without diverging and has one."""
     values = (getattr(r, loss) for r in runs if r.complete and r.diverged_at is None)
@@ -292,10 +297,11 @@ def plot_loss_curves(groups: dict[str, list[Run]], group_by: str, path: Path) ->
                     alpha=0.8,
                     lw=1.2,
                     marker="." if tag == "val/loss" else None,
-                    label=f"{group_by}={value}" if index == 0 else None,
+                    label=group_label(group_by, value) if index == 0 else None,
                 )
     for axes, title in zip(panels, ("train loss", "validation loss"), strict=True):
-        axes.set(title=title, xlabel="step", ylabel="loss (nats)")
+        by = f" by {group_by.replace(',', ' / ')}" if "," in group_by else ""
+        axes.set(title=title + by, xlabel="step", ylabel="loss (nats)")
         axes.grid(alpha=0.3)
     panels[1].legend(fontsize=8)
     figure.savefig(path, dpi=100)
