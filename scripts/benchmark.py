@@ -188,12 +188,16 @@ def compare_with_bare_loop(cfg: DictConfig) -> dict:
                 + " tok/s"
                 + "".join(f"; {ratio} {value:.3f}" for ratio, value in measured["ratios"].items())
             )
-    keys = ("tokens_per_s", "median_step", "above_median_share", "median_wait", "wait_share")
+    keys = (
+        "tokens_per_s",
+        "median_step",
+        "above_median_share",
+        "median_wait",
+        "wait_share",
+        "faults_per_step",
+    )
     summary = {
-        arm: {
-            **{key: statistics.median(r["arms"][arm][key] for r in rounds) for key in keys},
-            "faults_per_step": statistics.median(r["arms"][arm]["faults_per_step"] for r in rounds),
-        }
+        arm: {key: statistics.median(r["arms"][arm][key] for r in rounds) for key in keys}
         for arm in rounds[0]["arms"]
     }
     intervals = {}
