@@ -203,6 +203,11 @@ def group_runs(runs: list[Run], group_by: str) -> dict[str, list[Run]]:
     return groups
 
 
+def group_title(group_by: str) -> str:
+    """`--group-by`'s keys as a heading: "model.norm / seed" for "model.norm,seed"."""
+    return group_by.replace(",", " / ")
+
+
 def group_label(group_by: str, value: str) -> str:
     """`key=value` for one grouping key; the values alone for several (they are in the title)."""
     return value if "," in group_by else f"{group_by}={value}"
@@ -240,7 +245,7 @@ def groups_table(groups: dict[str, list[Run]], group_by: str) -> str:
             ]
         )
     header = [
-        group_by.replace(",", " / "),
+        group_title(group_by),
         "runs",
         "diverged",
         "unfinished",
@@ -260,17 +265,25 @@ def sort_key(value: str) -> tuple[int, float | str]:
         return (1, value)
 
 
+def runs_by_value(runs: list[Run], key: str) -> dict[str, list[Run]]:
+    """Runs by their value of the setting `key` (as text; "None" where unset), in `sort_key`
+    order."""
+    found: dict[str, list[Run]] = {}
+    for run in runs:
+        found.setdefault(str(run.settings.get(key)), []).append(run)
+    return dict(sorted(found.items(), key=lambda item: sort_key(item[0])))
+
+
 def pivot_table(groups: dict[str, list[Run]], group_by: str, pivot: str) -> str:
     """Groups as rows, the values of the setting `pivot` as columns; a cell: the final val loss
     (mean ± std over seeds), or which runs diverged (at which step) or are unfinished."""
-    columns = sorted(
-        {str(r.settings.get(pivot)) for rs in groups.values() for r in rs}, key=sort_key
-    )
+    columns = list(runs_by_value([r for rs in groups.values() for r in rs], pivot))
     rows = []
     for value, members in groups.items():
+        at = runs_by_value(members, pivot)
         cells = []
         for column in columns:
-            runs = [r for r in members if str(r.settings.get(pivot)) == column]
+            runs = at.get(column, [])
             losses = finished_losses(runs)
             notes = [mean_spread(losses)] if losses else []
             notes += [
@@ -279,7 +292,7 @@ def pivot_table(groups: dict[str, list[Run]], group_by: str, pivot: str) -> str:
             notes += ["unfinished" for r in runs if not r.complete]
             cells.append("; ".join(notes))
         rows.append([value, *cells])
-    return markdown_table([f"{group_by.replace(',', ' / ')} \\ {pivot}", *columns], rows)
+    return markdown_table([f"{group_title(group_by)} \\ {pivot}", *columns], rows)
 
 
 def plot_loss_curves(groups: dict[str, list[Run]], group_by: str, path: Path) -> None:
@@ -300,7 +313,7 @@ def plot_loss_curves(groups: dict[str, list[Run]], group_by: str, path: Path) ->
                     label=group_label(group_by, value) if index == 0 else None,
                 )
     for axes, title in zip(panels, ("train loss", "validation loss"), strict=True):
-        by = f" by {group_by.replace(',', ' / ')}" if "," in group_by else ""
+        by = f" by {group_title(group_by)}" if "," in group_by else ""
         axes.set(title=title + by, xlabel="step", ylabel="loss (nats)")
         axes.grid(alpha=0.3)
     panels[1].legend(fontsize=8)
@@ -329,24 +342,29 @@ def plot_group_summary(groups: dict[str, list[Run]], group_by: str, path: Path) 
 
 
 def plot_pivot(groups: dict[str, list[Run]], group_by: str, pivot: str, path: Path) -> None:
-    """Final val loss against the setting `pivot` (log axis when it spans 10x or more), a line per
-    group through the means; diverged runs as crosses on the top edge."""
+    """Final val loss against the setting `pivot` (its numeric values; log axis when they span 10x
+    or more), a line per group through the means; diverged runs as crosses on the top edge."""
     figure = Figure(figsize=(6, 4), layout="constrained")
     axes = figure.subplots()
     top = max((v for rs in groups.values() for v in finished_losses(rs)), default=1.0)
+    xs: list[float] = []
     for color, (value, members) in enumerate(groups.items()):
-        xs = sorted({float(r.settings[pivot]) for r in members if pivot in r.settings})
+        numeric = {
+            float(text): runs
+            for text, runs in runs_by_value(members, pivot).items()
+            if sort_key(text)[0] == 0
+        }
+        xs += numeric
         means = [
             (x, statistics.mean(losses))
-            for x in xs
-            if (losses := finished_losses([r for r in members if float(r.settings[pivot]) == x]))
+            for x, runs in numeric.items()
+            if (losses := finished_losses(runs))
         ]
         if means:
             axes.plot(*zip(*means, strict=True), "o-", color=f"C{color % 10}", label=value)
-        diverged = [float(r.settings[pivot]) for r in members if r.diverged_at is not None]
+        diverged = [x for x, runs in numeric.items() for r in runs if r.diverged_at is not None]
         axes.plot(diverged, [top * 1.05] * len(diverged), "x", color=f"C{color % 10}", ms=10)
-    values = [float(r.settings[pivot]) for rs in groups.values() for r in rs if pivot in r.settings]
-    if values and min(values) > 0 and max(values) >= 10 * min(values):
+    if xs and min(xs) > 0 and max(xs) >= 10 * min(xs):
         axes.set_xscale("log")
     axes.set(xlabel=pivot, ylabel="final val loss (nats)", title="x: diverged")
     axes.grid(alpha=0.3)
@@ -402,7 +420,7 @@ def compare(
     plot_group_summary(groups, group_by, written[2])
     sections = [
         f"# {len(runs)} runs\n\n{runs_table(runs, keys)}",
-        f"## Final validation loss by {group_by.replace(',', ' / ')}\n\n"
+        f"## Final validation loss by {group_title(group_by)}\n\n"
         "Over the runs that finished without diverging.\n\n"
         f"{groups_table(groups, group_by)}",
     ]
