@@ -19,14 +19,13 @@ SWEEPS=${SWEEPS_DIR:-outputs/sweeps}
 KEY=prenorm,postnorm,spannorm  # the placements the paper's claim is about
 OTHERS=deepnorm,sandwich,mixln,hybridnorm,b2t
 
-depth() {  # depth SEED PLACEMENTS NAME: one multirun into $SWEEPS/depth/NAME
-  "$PY" train.py -m experiment=depth_sweep "seed=$1" "model.norm=$2" \
+depth() {  # depth SEED PLACEMENTS NAME [OVERRIDE...]: one multirun into $SWEEPS/depth/NAME
+  "$PY" train.py -m experiment=depth_sweep "seed=$1" "model.norm=$2" "${@:4}" \
     "hydra.sweep.dir=$SWEEPS/depth/$3" resume=auto
 }
 
 attn_in_sum() {  # attn_in_sum SEED: SpanNorm with the attention output inside the normalized sum
-  "$PY" train.py -m experiment=depth_sweep "seed=$1" model.norm=spannorm model.attn_in_sum=true \
-    "hydra.sweep.dir=$SWEEPS/depth/seed${1}_attn_in_sum" resume=auto
+  depth "$1" spannorm "seed${1}_attn_in_sum" model.attn_in_sum=true
 }
 
 lr() {  # lr LR: the key placements at one learning rate, into $SWEEPS/lr/LR
