@@ -7,10 +7,12 @@
 #   scripts/run_sweeps.sh depth     # 8 placements + SpanNorm with attn_in_sum, seeds 1 and 2
 #   scripts/run_sweeps.sh lr        # prenorm, postnorm, spannorm at lr 1e-2, 3e-3, 3e-4
 #                                   # (lr 1e-3 is the depth sweep's seed 1)
+#   scripts/run_sweeps.sh alpha     # SpanNorm's inferred skip scale: alpha 1 and (2L)^(1/4) at
+#                                   # lr 1e-3, alpha 1 at lr 1e-2 (sqrt(2L) = 8 is the default)
 #   scripts/run_sweeps.sh compare   # tables and plots into docs/results/
 #   scripts/run_sweeps.sh all       # all of it, most informative runs first: seed 1 of every
 #                                   # placement, the highest lr, seed 2 of prenorm/postnorm/
-#                                   # spannorm, then the rest; compare
+#                                   # spannorm, then the rest; the alpha runs; compare
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -33,6 +35,13 @@ lr() {  # lr LR: the key placements at one learning rate, into $SWEEPS/lr/LR
     "hydra.sweep.dir=$SWEEPS/lr/$1" resume=auto
 }
 
+alpha() {  # SpanNorm, seed 1, other skip scales, into $SWEEPS/alpha/LR
+  "$PY" train.py -m experiment=depth_sweep seed=1 model.norm=spannorm model.alpha=1,deepnorm \
+    "hydra.sweep.dir=$SWEEPS/alpha/1e-3" resume=auto &&
+    "$PY" train.py -m experiment=lr_sweep seed=1 model.norm=spannorm model.alpha=1 optim.lr=1e-2 \
+      "hydra.sweep.dir=$SWEEPS/alpha/1e-2" resume=auto
+}
+
 compare() {  # whatever has run so far; unfinished runs are marked and left out of the statistics
   shopt -s nullglob
   "$PY" scripts/compare_runs.py "$SWEEPS"/depth/seed* \
@@ -41,14 +50,17 @@ compare() {  # whatever has run so far; unfinished runs are marked and left out 
     --group-by model.norm --out docs/results/prenorm_vs_spannorm
   "$PY" scripts/compare_runs.py "$SWEEPS"/lr/* "$SWEEPS"/depth/seed1/[012] \
     --group-by model.norm --pivot optim.lr --out docs/results/lr
+  "$PY" scripts/compare_runs.py "$SWEEPS"/alpha/* "$SWEEPS"/depth/seed1/2 "$SWEEPS"/lr/1e-2/2 \
+    --group-by optim.lr --pivot model.alpha --out docs/results/alpha
 }
 
 case "${1:-all}" in
   depth) depth 1 "$KEY,$OTHERS" seed1 && attn_in_sum 1 &&
     depth 2 "$KEY" seed2 && depth 2 "$OTHERS" seed2_others && attn_in_sum 2 ;;
   lr) lr 1e-2 && lr 3e-3 && lr 3e-4 ;;
+  alpha) alpha ;;
   compare) compare ;;
   all) depth 1 "$KEY,$OTHERS" seed1 && attn_in_sum 1 && lr 1e-2 && depth 2 "$KEY" seed2 &&
-    depth 2 "$OTHERS" seed2_others && attn_in_sum 2 && lr 3e-3 && lr 3e-4 && compare ;;
-  *) echo "error: unknown sweep '$1'; choose one of: depth, lr, compare, all" >&2; exit 2 ;;
+    depth 2 "$OTHERS" seed2_others && attn_in_sum 2 && lr 3e-3 && lr 3e-4 && alpha && compare ;;
+  *) echo "error: unknown sweep '$1'; choose one of: depth, lr, alpha, compare, all" >&2; exit 2 ;;
 esac
