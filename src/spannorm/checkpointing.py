@@ -128,7 +128,7 @@ class LastCheckpoint(L.Callback):
         path = checkpoint.format_checkpoint_name({}, checkpoint.CHECKPOINT_NAME_LAST)
         # so that ModelCheckpoint replaces this file next, instead of writing a last-v1.ckpt
         checkpoint.last_model_path = path
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         self.saved, self.saved_step = path, trainer.global_step
 
 

@@ -61,7 +61,7 @@ class DivergenceGuard(L.Callback):
             else Path(trainer.default_root_dir) / "checkpoints"
         )
         path = directory / f"last-good-step{step:06d}.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         log_scalars(trainer, {"train/diverged": 1.0}, step)
         raise TrainingDiverged(
             f"training diverged: loss is {value} at step {step}; last good checkpoint "
