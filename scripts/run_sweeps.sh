@@ -6,7 +6,8 @@
 #
 #   scripts/run_sweeps.sh depth     # 8 placements + SpanNorm with attn_in_sum, seeds 1 and 2
 #   scripts/run_sweeps.sh lr        # prenorm, postnorm, spannorm at lr 1e-2, 3e-3, 3e-4
-#                                   # (lr 1e-3 is the depth sweep's seed 1)
+#                                   # (lr 1e-3 is the depth sweep), and seed 2 of prenorm
+#                                   # and spannorm at 3e-3
 #   scripts/run_sweeps.sh alpha     # SpanNorm's inferred skip scale: alpha 1 and (2L)^(1/4) at
 #                                   # lr 1e-3, alpha 1 at lr 1e-2 (sqrt(2L) = 8 is the default)
 #   scripts/run_sweeps.sh compare   # tables and plots into docs/results/
@@ -30,9 +31,12 @@ attn_in_sum() {  # attn_in_sum SEED: SpanNorm with the attention output inside t
   depth "$1" spannorm "seed${1}_attn_in_sum" model.attn_in_sum=true
 }
 
-lr() {  # lr LR: the key placements at one learning rate, into $SWEEPS/lr/LR
-  "$PY" train.py -m experiment=lr_sweep seed=1 "model.norm=$KEY" "optim.lr=$1" \
-    "hydra.sweep.dir=$SWEEPS/lr/$1" resume=auto
+lr() {  # lr LR [SEED PLACEMENTS]: at one learning rate, into $SWEEPS/lr/LR (seed 1, the key
+  # placements) or $SWEEPS/lr/LR_seedSEED
+  local seed=${2:-1} name=$1
+  [[ $seed == 1 ]] || name=${1}_seed$seed
+  "$PY" train.py -m experiment=lr_sweep "seed=$seed" "model.norm=${3:-$KEY}" "optim.lr=$1" \
+    "hydra.sweep.dir=$SWEEPS/lr/$name" resume=auto
 }
 
 alpha() {  # SpanNorm, seed 1, other skip scales, into $SWEEPS/alpha/LR
@@ -48,7 +52,7 @@ compare() {  # whatever has run so far; unfinished runs are marked and left out 
     --group-by model.norm,model.attn_in_sum --out docs/results/depth
   "$PY" scripts/compare_runs.py "$SWEEPS"/depth/seed[12]/[02] \
     --group-by model.norm --out docs/results/prenorm_vs_spannorm
-  "$PY" scripts/compare_runs.py "$SWEEPS"/lr/* "$SWEEPS"/depth/seed1/[012] \
+  "$PY" scripts/compare_runs.py "$SWEEPS"/lr/* "$SWEEPS"/depth/seed[12]/[012] \
     --group-by model.norm --pivot optim.lr --out docs/results/lr
   "$PY" scripts/compare_runs.py "$SWEEPS"/alpha/* "$SWEEPS"/depth/seed1/2 "$SWEEPS"/lr/1e-2/2 \
     --group-by optim.lr --pivot model.alpha --out docs/results/alpha
@@ -57,10 +61,11 @@ compare() {  # whatever has run so far; unfinished runs are marked and left out 
 case "${1:-all}" in
   depth) depth 1 "$KEY,$OTHERS" seed1 && attn_in_sum 1 &&
     depth 2 "$KEY" seed2 && depth 2 "$OTHERS" seed2_others && attn_in_sum 2 ;;
-  lr) lr 1e-2 && lr 3e-3 && lr 3e-4 ;;
+  lr) lr 1e-2 && lr 3e-3 && lr 3e-4 && lr 3e-3 2 prenorm,spannorm ;;
   alpha) alpha ;;
   compare) compare ;;
   all) depth 1 "$KEY,$OTHERS" seed1 && attn_in_sum 1 && lr 1e-2 && depth 2 "$KEY" seed2 &&
-    depth 2 "$OTHERS" seed2_others && attn_in_sum 2 && lr 3e-3 && lr 3e-4 && alpha && compare ;;
+    depth 2 "$OTHERS" seed2_others && attn_in_sum 2 && lr 3e-3 && lr 3e-4 &&
+    lr 3e-3 2 prenorm,spannorm && alpha && compare ;;
   *) echo "error: unknown sweep '$1'; choose one of: depth, lr, alpha, compare, all" >&2; exit 2 ;;
 esac
