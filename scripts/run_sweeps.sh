@@ -54,6 +54,8 @@ compare() {  # whatever has run so far; unfinished runs are marked and left out 
     --group-by model.norm --out docs/results/prenorm_vs_spannorm
   "$PY" scripts/compare_runs.py "$SWEEPS"/lr/* "$SWEEPS"/depth/seed[12]/[012] \
     --group-by model.norm --pivot optim.lr --out docs/results/lr
+  "$PY" scripts/compare_runs.py "$SWEEPS"/lr/*/2 "$SWEEPS"/depth/seed1/2 \
+    --group-by optim.lr --out docs/results/spannorm_by_lr
   "$PY" scripts/compare_runs.py "$SWEEPS"/alpha/* "$SWEEPS"/depth/seed1/2 "$SWEEPS"/lr/1e-2/2 \
     --group-by optim.lr --pivot model.alpha --out docs/results/alpha
 }
