@@ -9,7 +9,8 @@
 #                                   # (lr 1e-3 is the depth sweep), and seed 2 of prenorm
 #                                   # and spannorm at 3e-3
 #   scripts/run_sweeps.sh alpha     # SpanNorm's inferred skip scale: alpha 1 and (2L)^(1/4) at
-#                                   # lr 1e-3, alpha 1 at lr 1e-2 (sqrt(2L) = 8 is the default)
+#                                   # lr 1e-3, alpha 1 at lr 1e-2 and at 1e-3 with seed 2
+#                                   # (sqrt(2L) = 8 is the default)
 #   scripts/run_sweeps.sh compare   # tables and plots into docs/results/
 #   scripts/run_sweeps.sh all       # all of it, most informative runs first: seed 1 of every
 #                                   # placement, the highest lr, seed 2 of prenorm/postnorm/
@@ -39,11 +40,13 @@ lr() {  # lr LR [SEED PLACEMENTS]: at one learning rate, into $SWEEPS/lr/LR (see
     "hydra.sweep.dir=$SWEEPS/lr/$name" resume=auto
 }
 
-alpha() {  # SpanNorm, seed 1, other skip scales, into $SWEEPS/alpha/LR
+alpha() {  # SpanNorm at other skip scales, into $SWEEPS/alpha/LR (seed 1) and 1e-3_seed2
   "$PY" train.py -m experiment=depth_sweep seed=1 model.norm=spannorm model.alpha=1,deepnorm \
     "hydra.sweep.dir=$SWEEPS/alpha/1e-3" resume=auto &&
     "$PY" train.py -m experiment=lr_sweep seed=1 model.norm=spannorm model.alpha=1 optim.lr=1e-2 \
-      "hydra.sweep.dir=$SWEEPS/alpha/1e-2" resume=auto
+      "hydra.sweep.dir=$SWEEPS/alpha/1e-2" resume=auto &&
+    "$PY" train.py -m experiment=depth_sweep seed=2 model.norm=spannorm model.alpha=1 \
+      "hydra.sweep.dir=$SWEEPS/alpha/1e-3_seed2" resume=auto
 }
 
 compare() {  # whatever has run so far; unfinished runs are marked and left out of the statistics
