@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 from conftest import run_entry, tiny_overrides
 
-from spannorm.analysis.compare import Run, compare, groups_table, pivot_table
+from spannorm.analysis.compare import (
+    Run,
+    compare,
+    groups_table,
+    pivot_axis,
+    pivot_table,
+    plot_pivot,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -87,3 +94,17 @@ def test_groups_and_pivot_tables_leave_out_diverged_and_unfinished_runs():
     assert pivot.splitlines()[0] == "| model.norm \\ optim.lr | 0.001 | 0.01 |"
     assert "| prenorm | 4.0000 ± 0.0000 | 3.0000 |" in pivot
     assert "| postnorm | unfinished | diverged at step 60 |" in pivot
+
+
+def test_pivot_axis_is_numeric_only_when_every_value_is_a_number(tmp_path):
+    assert pivot_axis(["0.001", "0.01"]) == ({"0.001": 0.001, "0.01": 0.01}, True)
+    positions, numeric = pivot_axis(["1", "deepnorm", "sqrt2L"])
+    assert (positions, numeric) == ({"1": 0.0, "deepnorm": 1.0, "sqrt2L": 2.0}, False)
+    runs = [
+        fake_run("a", "spannorm", 1e-3, [5.0, 4.0]),
+        fake_run("b", "spannorm", 1e-3, [5.0, 4.5]),
+    ]
+    runs[0].settings["model.alpha"], runs[1].settings["model.alpha"] = 1, "sqrt2L"
+    plot = tmp_path / "alpha.png"
+    plot_pivot({"0.001": runs}, "optim.lr", "model.alpha", plot)
+    assert plot.read_bytes()[:8] == PNG_SIGNATURE

@@ -341,30 +341,38 @@ def plot_group_summary(groups: dict[str, list[Run]], group_by: str, path: Path) 
     figure.savefig(path, dpi=100)
 
 
+def pivot_axis(values: list[str]) -> tuple[dict[str, float], bool]:
+    """Where each value of a pivot setting sits on the x axis, and whether the axis is numeric:
+    at the number itself when all values are numbers, else one slot each in the given order
+    (model.alpha = 1, deepnorm, sqrt2L)."""
+    numeric = all(sort_key(value)[0] == 0 for value in values)
+    return {v: float(v) if numeric else float(i) for i, v in enumerate(values)}, numeric
+
+
 def plot_pivot(groups: dict[str, list[Run]], group_by: str, pivot: str, path: Path) -> None:
-    """Final val loss against the setting `pivot` (its numeric values; log axis when they span 10x
-    or more), a line per group through the means; diverged runs as crosses on the top edge."""
+    """Final val loss against the setting `pivot` (numbers on a numeric axis, log when they span
+    10x or more; text among the values makes every value a category), a line per group through
+    the means; diverged runs as crosses on the top edge."""
     figure = Figure(figsize=(6, 4), layout="constrained")
     axes = figure.subplots()
     top = max((v for rs in groups.values() for v in finished_losses(rs)), default=1.0)
-    xs: list[float] = []
+    values = list(runs_by_value([r for rs in groups.values() for r in rs], pivot))
+    position, numeric = pivot_axis(values)
     for color, (value, members) in enumerate(groups.items()):
-        numeric = {
-            float(text): runs
-            for text, runs in runs_by_value(members, pivot).items()
-            if sort_key(text)[0] == 0
-        }
-        xs += numeric
+        at = {position[text]: runs for text, runs in runs_by_value(members, pivot).items()}
         means = [
             (x, statistics.mean(losses))
-            for x, runs in numeric.items()
+            for x, runs in at.items()
             if (losses := finished_losses(runs))
         ]
         if means:
             axes.plot(*zip(*means, strict=True), "o-", color=f"C{color % 10}", label=value)
-        diverged = [x for x, runs in numeric.items() for r in runs if r.diverged_at is not None]
+        diverged = [x for x, runs in at.items() for r in runs if r.diverged_at is not None]
         axes.plot(diverged, [top * 1.05] * len(diverged), "x", color=f"C{color % 10}", ms=10)
-    if xs and min(xs) > 0 and max(xs) >= 10 * min(xs):
+    xs = list(position.values())
+    if not numeric:
+        axes.set_xticks(xs, values)
+    elif xs and min(xs) > 0 and max(xs) >= 10 * min(xs):
         axes.set_xscale("log")
     axes.set(xlabel=pivot, ylabel="final val loss (nats)", title="x: diverged")
     axes.grid(alpha=0.3)
