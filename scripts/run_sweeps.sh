@@ -23,9 +23,14 @@ SWEEPS=${SWEEPS_DIR:-outputs/sweeps}
 KEY=prenorm,postnorm,spannorm  # the placements the paper's claim is about
 OTHERS=deepnorm,sandwich,mixln,hybridnorm,b2t
 
-depth() {  # depth SEED PLACEMENTS NAME [OVERRIDE...]: one multirun into $SWEEPS/depth/NAME
-  "$PY" train.py -m experiment=depth_sweep "seed=$1" "model.norm=$2" "${@:4}" \
-    "hydra.sweep.dir=$SWEEPS/depth/$3" resume=auto
+multirun() {  # multirun DIR EXPERIMENT SEED PLACEMENTS [OVERRIDE...]: one resumable multirun
+  # into $SWEEPS/DIR
+  "$PY" train.py -m "experiment=$2" "seed=$3" "model.norm=$4" "${@:5}" \
+    "hydra.sweep.dir=$SWEEPS/$1" resume=auto
+}
+
+depth() {  # depth SEED PLACEMENTS NAME [OVERRIDE...]: into $SWEEPS/depth/NAME
+  multirun "depth/$3" depth_sweep "$1" "$2" "${@:4}"
 }
 
 attn_in_sum() {  # attn_in_sum SEED: SpanNorm with the attention output inside the normalized sum
@@ -36,17 +41,13 @@ lr() {  # lr LR [SEED PLACEMENTS]: at one learning rate, into $SWEEPS/lr/LR (see
   # placements) or $SWEEPS/lr/LR_seedSEED
   local seed=${2:-1} name=$1
   [[ $seed == 1 ]] || name=${1}_seed$seed
-  "$PY" train.py -m experiment=lr_sweep "seed=$seed" "model.norm=${3:-$KEY}" "optim.lr=$1" \
-    "hydra.sweep.dir=$SWEEPS/lr/$name" resume=auto
+  multirun "lr/$name" lr_sweep "$seed" "${3:-$KEY}" "optim.lr=$1"
 }
 
 alpha() {  # SpanNorm at other skip scales, into $SWEEPS/alpha/LR (seed 1) and 1e-3_seed2
-  "$PY" train.py -m experiment=depth_sweep seed=1 model.norm=spannorm model.alpha=1,deepnorm \
-    "hydra.sweep.dir=$SWEEPS/alpha/1e-3" resume=auto &&
-    "$PY" train.py -m experiment=lr_sweep seed=1 model.norm=spannorm model.alpha=1 optim.lr=1e-2 \
-      "hydra.sweep.dir=$SWEEPS/alpha/1e-2" resume=auto &&
-    "$PY" train.py -m experiment=depth_sweep seed=2 model.norm=spannorm model.alpha=1 \
-      "hydra.sweep.dir=$SWEEPS/alpha/1e-3_seed2" resume=auto
+  multirun alpha/1e-3 depth_sweep 1 spannorm model.alpha=1,deepnorm &&
+    multirun alpha/1e-2 lr_sweep 1 spannorm model.alpha=1 optim.lr=1e-2 &&
+    multirun alpha/1e-3_seed2 depth_sweep 2 spannorm model.alpha=1
 }
 
 compare() {  # whatever has run so far; unfinished runs are marked and left out of the statistics
