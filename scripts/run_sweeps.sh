@@ -4,6 +4,12 @@
 # again with the same command, skips the finished jobs and continues the interrupted one from its
 # last checkpoint. One job at a time (2 CPU cores).
 #
+#   scripts/run_sweeps.sh grid      # issue 16: prenorm and spannorm at 32 blocks over lr x warm-up,
+#                                   # most informative cells first (one run per job, see GRID)
+#   scripts/run_sweeps.sh depths    # prenorm/spannorm/postnorm at 8, 16 and 64 blocks
+#   scripts/run_sweeps.sh report    # the grid and depth tables/plots from the committed summaries
+#
+# The earlier (60-step warm-up) sweep of docs/results.md:
 #   scripts/run_sweeps.sh depth     # 8 placements + SpanNorm with attn_in_sum, seeds 1 and 2
 #   scripts/run_sweeps.sh lr        # prenorm, postnorm, spannorm at lr 1e-2, 3e-3, 3e-4
 #                                   # (lr 1e-3 is the depth sweep), and seed 2 of prenorm
@@ -30,7 +36,7 @@ multirun() {  # multirun DIR EXPERIMENT SEED PLACEMENTS [OVERRIDE...]: one resum
 }
 
 depth() {  # depth SEED PLACEMENTS NAME [OVERRIDE...]: into $SWEEPS/depth/NAME
-  multirun "depth/$3" depth_sweep "$1" "$2" "${@:4}"
+  multirun "depth/$3" placement_sweep "$1" "$2" "${@:4}"
 }
 
 attn_in_sum() {  # attn_in_sum SEED: SpanNorm with the attention output inside the normalized sum
@@ -45,9 +51,48 @@ lr() {  # lr LR [SEED PLACEMENTS]: at one learning rate, into $SWEEPS/lr/LR (see
 }
 
 alpha() {  # SpanNorm at other skip scales, into $SWEEPS/alpha/LR (seed 1) and 1e-3_seed2
-  multirun alpha/1e-3 depth_sweep 1 spannorm model.alpha=1,deepnorm &&
+  multirun alpha/1e-3 placement_sweep 1 spannorm model.alpha=1,deepnorm &&
     multirun alpha/1e-2 lr_sweep 1 spannorm model.alpha=1 optim.lr=1e-2 &&
-    multirun alpha/1e-3_seed2 depth_sweep 2 spannorm model.alpha=1
+    multirun alpha/1e-3_seed2 placement_sweep 2 spannorm model.alpha=1
+}
+
+SUMMARIES=${SUMMARIES_DIR:-docs/results/grid/runs}  # one JSON per finished run, committed
+BASELINE=6.3615  # the unigram baseline of the default corpus (printed by every run)
+
+job() {  # job NAME NORM LR WARMUP SEED [OVERRIDE...]: one resumable run in $SWEEPS/grid/NAME;
+  # skipped once its summary exists (a finished run), else continued from its last checkpoint
+  local name=$1 dir=$SWEEPS/grid/$1
+  [[ -f $SUMMARIES/$name.json ]] && return 0
+  echo "== $(date +%H:%M:%S) $name"
+  "$PY" train.py experiment=placement_sweep "model.norm=$2" "optim.lr=$3" \
+    "optim.warmup_steps=$4" "seed=$5" "${@:6}" "hydra.run.dir=$dir" resume=auto ||
+    echo "   $name ended with status $? (the sweep goes on)"
+  "$PY" scripts/sweep_summary.py "$dir" --baseline "$BASELINE" --out "$SUMMARIES/$name.json" || true
+}
+
+cell() {  # cell NORM LR WARMUP SEED [LAYERS]: the job of one grid cell (32 blocks unless LAYERS)
+  local layers=${5:-32} name="$1_lr$2_w$3_s$4"
+  [[ $layers == 32 ]] || name="$1_L${layers}_lr$2_w$3_s$4"
+  job "$name" "$1" "$2" "$3" "$4" "model.n_layers=$layers"
+}
+
+grid() {  # the 32-block lr x warm-up grid, most informative cells first, prenorm and spannorm
+  # interleaved so that every committed partial result compares them
+  local round norm lr w seed
+  for round in \
+    "150 3e-3 1" "150 6e-3 1" "300 3e-3 1" "300 6e-3 1" \
+    "150 3e-3 2" "150 6e-3 2" "300 3e-3 2" "300 6e-3 2" \
+    "60 3e-3 1" "60 6e-3 1" "150 1e-2 1" "300 1e-2 1" "150 1e-3 1" "300 1e-3 1" \
+    "60 1e-3 1" "60 1e-2 1" \
+    "60 3e-3 2" "60 6e-3 2" "150 1e-2 2" "300 1e-2 2" "150 1e-3 2" "300 1e-3 2" \
+    "60 1e-3 2" "60 1e-2 2"; do
+    read -r w lr seed <<< "$round"
+    for norm in prenorm spannorm; do cell "$norm" "$lr" "$w" "$seed"; done
+  done
+}
+
+report() {  # tables and figures of the grid and depth runs, from the committed summaries
+  "$PY" scripts/grid_report.py "$SUMMARIES" --out docs/results/grid
 }
 
 compare() {  # whatever has run so far; unfinished runs are marked and left out of the statistics
@@ -70,8 +115,10 @@ case "${1:-all}" in
   lr) lr 1e-2 && lr 3e-3 && lr 3e-4 && lr 3e-3 2 prenorm,spannorm ;;
   alpha) alpha ;;
   compare) compare ;;
+  grid) grid && report ;;
+  report) report ;;
   all) depth 1 "$KEY,$OTHERS" seed1 && attn_in_sum 1 && lr 1e-2 && depth 2 "$KEY" seed2 &&
     depth 2 "$OTHERS" seed2_others && attn_in_sum 2 && lr 3e-3 && lr 3e-4 &&
     lr 3e-3 2 prenorm,spannorm && alpha && compare ;;
-  *) echo "error: unknown sweep '$1'; choose one of: depth, lr, alpha, compare, all" >&2; exit 2 ;;
+  *) echo "error: unknown sweep '$1'; choose one of: grid, depths, report, depth, lr, alpha, compare, all" >&2; exit 2 ;;
 esac

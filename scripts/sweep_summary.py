@@ -1,0 +1,86 @@
+"""Summarize one finished run as a small JSON file that outlives its run directory: the settings a
+sweep varies, final and best validation loss, when the run left the unigram plateau, the
+train/val loss curves and the last per-block gradient and RMS profiles.
+
+    .venv/bin/python scripts/sweep_summary.py outputs/sweeps/grid/prenorm_lr3e-3_w150_s1 \
+        --baseline 6.3615 --out docs/results/grid/runs/prenorm_lr3e-3_w150_s1.json
+
+run directories are not committed (outputs/ is ignored); these summaries are, so that a later
+session can tabulate a sweep that spans sessions (scripts/run_sweeps.sh report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from spannorm.analysis.compare import Run
+from spannorm.callbacks.layer_stats import METRICS
+
+KEYS = ["model.norm", "model.n_layers", "model.d_model", "model.alpha", "optim.lr",
+        "optim.warmup_steps", "seed", "trainer.max_steps", "data.batch_size", "data.seq_len"]
+
+
+def escape_step(train_loss: list[tuple[int, float]], threshold: float) -> int | None:
+    """The first logged step whose train loss is below `threshold`, or None."""
+    return next((step for step, value in train_loss if value < threshold), None)
+
+
+def history(run: Run, metric: str) -> list[tuple[int, list[float]]]:
+    prefix = f"layers/{metric}/block_"
+    tags = sorted(tag for tag in run.scalars if tag.startswith(prefix))
+    steps = sorted({step for tag in tags for step, _ in run.scalars[tag]})
+    by_tag = {tag: dict(run.scalars[tag]) for tag in tags}
+    return [(step, [by_tag[tag].get(step, math.nan) for tag in tags]) for step in steps]
+
+
+def summarize(run_dir: Path, baseline: float, margin: float = 0.3) -> dict:
+    run = Run.load(run_dir, run_dir.name)
+    train_loss = run.scalars.get("train/loss", [])
+    logged = run.scalars.get("train/plateau_escape_step")
+    return {
+        "name": run_dir.name,
+        "settings": {key: run.settings.get(key) for key in KEYS},
+        "complete": run.complete,
+        "last_step": run.last_step,
+        "final_val_loss": run.final_val_loss,
+        "best_val_loss": run.best_val_loss,
+        "diverged_at": run.diverged_at,
+        "unigram_baseline": baseline,
+        "escape_margin": margin,
+        # the callback's per-batch value where it ran; else from the logged train/loss points
+        "plateau_escape_step": int(logged[0][1]) if logged else
+        escape_step(train_loss, baseline - margin),
+        "median_tokens_per_sec": run.median_tokens_per_sec,
+        "train_loss": train_loss,
+        "val_loss": run.scalars.get("val/loss", []),
+        # per-block statistics at the last step they were logged (layers/<metric>/block_<l>)
+        "profiles": {metric: run.layer_profile(metric) for metric in METRICS},
+        # the stream gradient of every block at every logged step: [step, [block 0, 1, ...]]
+        "stream_grad_norm_history": history(run, "stream_grad_norm"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--baseline", type=float, required=True,
+                        help="the unigram baseline (nats) printed by the run")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    summary = summarize(args.run_dir, args.baseline)
+    if not summary["complete"]:
+        raise SystemExit(f"{args.run_dir} stopped at step {summary['last_step']} before its "
+                         "max_steps; continue it (resume=auto) before summarizing it")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(summary, default=lambda v: None if v is None else str(v))
+    args.out.write_text(text.replace("NaN", "null") + "\n")
+    print(f"{args.out}: final val loss {summary['final_val_loss']:.4f}, escape step "
+          f"{summary['plateau_escape_step']}" if not math.isnan(summary["final_val_loss"]) else
+          f"{args.out}: no validation")
+
+
+if __name__ == "__main__":
+    main()
