@@ -1,0 +1,329 @@
+"""Tables and figures of a tuning grid and a depth sweep, from per-run summaries
+(`scripts/sweep_summary.py` writes one JSON per finished run; `scripts/grid_report.py` calls this).
+
+A cell is (placement, depth, learning rate, warm-up); its runs are the seeds. For each placement
+the report gives the grid of final validation losses (mean ± sample std over seeds), its best
+cell, its band (the cells whose mean is within `band` nats of its best), when each run left the
+unigram plateau, and, where runs at other depths exist, loss against depth and the per-block
+gradient profiles of the deepest runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from spannorm.analysis.compare import format_number, markdown_table, mean_spread
+
+
+@dataclass(frozen=True)
+class Cell:
+    norm: str
+    n_layers: int
+    lr: float
+    warmup: int
+
+
+def load_summaries(directory: Path) -> list[dict]:
+    """Every `*.json` summary under `directory`, in name order."""
+    paths = sorted(Path(directory).glob("*.json"))
+    if not paths:
+        raise FileNotFoundError(f"no run summaries (*.json) in {directory}")
+    return [json.loads(path.read_text()) for path in paths]
+
+
+def cell_of(summary: dict) -> Cell:
+    s = summary["settings"]
+    return Cell(
+        s["model.norm"],
+        int(s["model.n_layers"]),
+        float(s["optim.lr"]),
+        int(s["optim.warmup_steps"]),
+    )
+
+
+def final_loss(summary: dict) -> float:
+    """The final val loss of a run that finished without diverging, else NaN."""
+    value = summary.get("final_val_loss")
+    if summary.get("diverged_at") is not None or value is None:
+        return math.nan
+    return float(value)
+
+
+def by_cell(summaries: list[dict]) -> dict[Cell, list[dict]]:
+    cells: dict[Cell, list[dict]] = {}
+    for summary in summaries:
+        cells.setdefault(cell_of(summary), []).append(summary)
+    for runs in cells.values():
+        runs.sort(key=lambda r: r["settings"]["seed"])
+    return cells
+
+
+def losses(runs: list[dict]) -> list[float]:
+    return [v for v in map(final_loss, runs) if not math.isnan(v)]
+
+
+def cell_mean(runs: list[dict]) -> float:
+    values = losses(runs)
+    return statistics.mean(values) if values else math.nan
+
+
+def best_cell(
+    cells: dict[Cell, list[dict]], norm: str, n_layers: int = 32, min_seeds: int = 2
+) -> Cell | None:
+    """The cell of `norm` at `n_layers` with the lowest mean final loss among those with at least
+    `min_seeds` finished runs (any number of runs if no cell has that many yet)."""
+    mine = {c: r for c, r in cells.items() if c.norm == norm and c.n_layers == n_layers}
+    for need in (min_seeds, 1):
+        scored = [(cell_mean(r), c) for c, r in mine.items() if len(losses(r)) >= need]
+        if scored:
+            return min(scored, key=lambda item: item[0])[1]
+    return None
+
+
+def band(cells: dict[Cell, list[dict]], best: Cell, width: float) -> list[Cell]:
+    """The cells of `best`'s placement and depth whose mean is within `width` of its mean."""
+    top = cell_mean(cells[best])
+    return [
+        c
+        for c, r in cells.items()
+        if c.norm == best.norm and c.n_layers == best.n_layers and cell_mean(r) <= top + width
+    ]
+
+
+def lr_text(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+def escape_text(runs: list[dict]) -> str:
+    """Each seed's plateau escape step, or "never"."""
+    steps = [r.get("plateau_escape_step") for r in runs]
+    return ", ".join("never" if s is None else str(int(s)) for s in steps)
+
+
+def grid_tables(cells: dict[Cell, list[dict]], norm: str, n_layers: int = 32) -> tuple[str, str]:
+    """Warm-up rows x learning-rate columns: the final val loss (mean ± std, n runs), and each
+    run's plateau escape step."""
+    mine = {c: r for c, r in cells.items() if c.norm == norm and c.n_layers == n_layers}
+    lrs = sorted({c.lr for c in mine})
+    warmups = sorted({c.warmup for c in mine})
+    loss_rows, escape_rows = [], []
+    for warmup in warmups:
+        loss_cells, escape_cells = [], []
+        for lr in lrs:
+            runs = mine.get(Cell(norm, n_layers, lr, warmup), [])
+            n = len(runs)
+            loss_cells.append(f"{mean_spread(losses(runs))} ({n})" if n else "")
+            escape_cells.append(escape_text(runs))
+        loss_rows.append([str(warmup), *loss_cells])
+        escape_rows.append([str(warmup), *escape_cells])
+    header = ["warm-up \\ lr", *map(lr_text, lrs)]
+    return markdown_table(header, loss_rows), markdown_table(header, escape_rows)
+
+
+def summary_table(cells: dict[Cell, list[dict]], norms: list[str], width: float) -> str:
+    rows = []
+    for norm in norms:
+        best = best_cell(cells, norm)
+        if best is None:
+            continue
+        runs = cells[best]
+        members = band(cells, best, width)
+        escapes = [
+            r.get("plateau_escape_step")
+            for c, rs in cells.items()
+            if c.norm == norm and c.n_layers == 32
+            for r in rs
+        ]
+        never = sum(s is None for s in escapes)
+        rows.append(
+            [
+                norm,
+                f"lr {lr_text(best.lr)}, warm-up {best.warmup}",
+                f"{mean_spread(losses(runs))} ({len(runs)})",
+                format_number(min(losses(runs), default=math.nan)),
+                format_number(max(losses(runs), default=math.nan)),
+                f"{len(members)} of {sum(1 for c in cells if c.norm == norm and c.n_layers == 32)}: "
+                + ", ".join(
+                    f"{lr_text(c.lr)}/{c.warmup}"
+                    for c in sorted(members, key=lambda c: (c.lr, c.warmup))
+                ),
+                f"{len(escapes) - never} of {len(escapes)}",
+            ]
+        )
+    header = [
+        "placement",
+        "best cell",
+        "final val loss mean ± std (runs)",
+        "min",
+        "max",
+        f"band: cells within {width} nats of the best (lr/warm-up)",
+        "runs that left the plateau",
+    ]
+    return markdown_table(header, rows)
+
+
+def plot_heatmaps(cells: dict[Cell, list[dict]], norms: list[str], path: Path) -> None:
+    """One panel per placement: mean final val loss over warm-up x learning rate, one shared
+    color scale, each cell annotated with its mean and number of runs."""
+    figure = Figure(figsize=(4.6 * len(norms), 3.6), layout="constrained")
+    panels = figure.subplots(1, len(norms), squeeze=False)[0]
+    at32 = {c: r for c, r in cells.items() if c.n_layers == 32}
+    means = [cell_mean(r) for r in at32.values()]
+    finite = [m for m in means if not math.isnan(m)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    image = None
+    for axes, norm in zip(panels, norms, strict=True):
+        lrs = sorted({c.lr for c in at32})
+        warmups = sorted({c.warmup for c in at32})
+        grid = [[cell_mean(at32.get(Cell(norm, 32, lr, w), [])) for lr in lrs] for w in warmups]
+        image = axes.imshow(grid, cmap="viridis_r", vmin=lo, vmax=hi, aspect="auto")
+        for i, w in enumerate(warmups):
+            for j, lr in enumerate(lrs):
+                runs = at32.get(Cell(norm, 32, lr, w), [])
+                if runs:
+                    axes.text(
+                        j,
+                        i,
+                        f"{format_number(grid[i][j], 3)}\n({len(runs)})",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="w",
+                    )
+        axes.set_xticks(range(len(lrs)), [lr_text(lr) for lr in lrs])
+        axes.set_yticks(range(len(warmups)), [str(w) for w in warmups])
+        axes.set(title=norm, xlabel="learning rate", ylabel="warm-up steps")
+    if image is not None:
+        figure.colorbar(image, ax=list(panels), label="final val loss (nats), mean over seeds")
+    figure.savefig(path, dpi=100)
+
+
+def plot_loss_vs_depth(cells: dict[Cell, list[dict]], path: Path) -> bool:
+    """Final val loss against depth, a line per (placement, lr, warm-up) run at two or more
+    depths, each run a dot; False (nothing drawn) when no setting ran at two depths."""
+    settings: dict[tuple[str, float, int], dict[int, list[dict]]] = {}
+    for c, runs in cells.items():
+        settings.setdefault((c.norm, c.lr, c.warmup), {})[c.n_layers] = runs
+    lines = {k: v for k, v in settings.items() if len(v) >= 2}
+    if not lines:
+        return False
+    figure = Figure(figsize=(6.5, 4), layout="constrained")
+    axes = figure.subplots()
+    for color, ((norm, lr, warmup), depths) in enumerate(sorted(lines.items())):
+        xs = sorted(depths)
+        axes.plot(
+            xs,
+            [cell_mean(depths[x]) for x in xs],
+            "o-",
+            color=f"C{color % 10}",
+            label=f"{norm} lr {lr_text(lr)} w {warmup}",
+        )
+        for x in xs:
+            values = losses(depths[x])
+            axes.scatter([x] * len(values), values, color=f"C{color % 10}", s=10, alpha=0.5)
+    axes.set_xscale("log", base=2)
+    axes.set(xlabel="blocks", ylabel="final val loss (nats)", title="loss against depth")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.savefig(path, dpi=100)
+    return True
+
+
+def plot_gradient_profiles(summaries: list[dict], n_layers: int, path: Path) -> bool:
+    """The per-block stream gradient norm of every run at `n_layers` blocks, at its last logged
+    step (solid) and its first (dashed); False when there are none."""
+    runs = [
+        s
+        for s in summaries
+        if int(s["settings"]["model.n_layers"]) == n_layers and s.get("stream_grad_norm_history")
+    ]
+    if not runs:
+        return False
+    figure = Figure(figsize=(6.5, 4), layout="constrained")
+    axes = figure.subplots()
+    for color, run in enumerate(runs):
+        history = run["stream_grad_norm_history"]
+        for (step, profile), style in ((history[0], "--"), (history[-1], "-")):
+            axes.plot(
+                range(len(profile)),
+                profile,
+                style,
+                color=f"C{color % 10}",
+                label=f"{run['name']} step {step}",
+            )
+    axes.set_yscale("log")
+    axes.set(
+        xlabel="block",
+        ylabel="stream gradient norm",
+        title=f"per-block gradient, {n_layers} blocks",
+    )
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=6)
+    figure.savefig(path, dpi=100)
+    return True
+
+
+def runs_table(summaries: list[dict]) -> str:
+    rows = [
+        [
+            s["name"],
+            format_number(final_loss(s)),
+            format_number(s["best_val_loss"] if s.get("best_val_loss") is not None else math.nan),
+            "never" if s.get("plateau_escape_step") is None else str(s["plateau_escape_step"]),
+            "no" if s.get("diverged_at") is None else f"at step {s['diverged_at']}",
+            format_number(s.get("median_tokens_per_sec") or math.nan, 0),
+        ]
+        for s in summaries
+    ]
+    header = [
+        "run",
+        "final val loss",
+        "best val loss",
+        "plateau escape step",
+        "diverged",
+        "median tokens/s",
+    ]
+    return markdown_table(header, rows)
+
+
+def report(directory: Path, out: Path, band_width: float = 0.05) -> list[Path]:
+    """Write `grid.md` and its figures into `out`; return the paths written."""
+    summaries = load_summaries(directory)
+    cells = by_cell(summaries)
+    norms = sorted(
+        {c.norm for c in cells if c.n_layers == 32},
+        key=lambda n: (n != "prenorm", n != "spannorm", n),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "grid.md", out / "grid_heatmap.png"]
+    plot_heatmaps(cells, norms, written[1])
+    sections = [
+        f"# Learning rate x warm-up grid at 32 blocks ({len(summaries)} runs)\n\n"
+        "Written by `scripts/run_sweeps.sh report` from the summaries in "
+        f"`{directory}`. Cells: final val loss, mean ± sample std over seeds (runs).",
+        "## Best cell and band per placement\n\n" + summary_table(cells, norms, band_width),
+        "![final val loss over the grid](grid_heatmap.png)",
+    ]
+    for norm in norms:
+        loss_table, escape_table = grid_tables(cells, norm)
+        sections.append(
+            f"## {norm}\n\nFinal val loss:\n\n{loss_table}\n\n"
+            f"Plateau escape step of each seed (first step whose train loss is "
+            f"0.3 nats below the unigram baseline):\n\n{escape_table}"
+        )
+    if plot_loss_vs_depth(cells, out / "loss_vs_depth.png"):
+        written.append(out / "loss_vs_depth.png")
+        sections.append("## Depth\n\n![final val loss against depth](loss_vs_depth.png)")
+    deepest = max(c.n_layers for c in cells)
+    if deepest > 32 and plot_gradient_profiles(summaries, deepest, out / "gradient_profiles.png"):
+        written.append(out / "gradient_profiles.png")
+        sections.append(f"![per-block gradient at {deepest} blocks](gradient_profiles.png)")
+    sections.append("## Every run\n\n" + runs_table(summaries))
+    written[0].write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    return written
