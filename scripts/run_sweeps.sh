@@ -76,19 +76,63 @@ cell() {  # cell NORM LR WARMUP SEED [LAYERS]: the job of one grid cell (32 bloc
   job "$name" "$1" "$2" "$3" "$4" "model.n_layers=$layers"
 }
 
-grid() {  # the 32-block lr x warm-up grid, most informative cells first, prenorm and spannorm
-  # interleaved so that every committed partial result compares them
+grid_rounds() {  # grid_rounds "WARMUP LR SEED" ...: prenorm and spannorm at each, interleaved
+  # so that every committed partial result compares them
   local round norm lr w seed
-  for round in \
-    "150 3e-3 1" "150 6e-3 1" "300 3e-3 1" "300 6e-3 1" \
-    "150 3e-3 2" "150 6e-3 2" "300 3e-3 2" "300 6e-3 2" \
-    "60 3e-3 1" "60 6e-3 1" "150 1e-2 1" "300 1e-2 1" "150 1e-3 1" "300 1e-3 1" \
-    "60 1e-3 1" "60 1e-2 1" \
-    "60 3e-3 2" "60 6e-3 2" "150 1e-2 2" "300 1e-2 2" "150 1e-3 2" "300 1e-3 2" \
-    "60 1e-3 2" "60 1e-2 2"; do
+  for round in "$@"; do
     read -r w lr seed <<< "$round"
     for norm in prenorm spannorm; do cell "$norm" "$lr" "$w" "$seed"; done
   done
+}
+
+best() {  # best NORM: "LR WARMUP" of NORM's best 32-block cell so far (mean over its seeds)
+  "$PY" scripts/grid_report.py "$SUMMARIES" --best "$1"
+}
+
+neighbour() {  # neighbour LR: the next learning rate of the grid below LR (above the lowest)
+  case $1 in 1e-2|0.01) echo 6e-3 ;; 6e-3|0.006) echo 3e-3 ;; 3e-3|0.003) echo 6e-3 ;; *) echo 3e-3 ;; esac
+}
+
+best_seeds() {  # a third seed at each placement's best cell
+  local norm lr w
+  for norm in prenorm spannorm; do
+    read -r lr w <<< "$(best $norm)"
+    cell "$norm" "$lr" "$w" 3
+  done
+}
+
+depths() {  # 8, 16 and 64 blocks (same tokens): prenorm and spannorm at their best 32-block
+  # cell (seeds 1 and 2) and at a neighbouring lr (seed 1); postnorm at prenorm's best (seed 1)
+  local layers norm lr w
+  for layers in 64 16 8; do
+    for norm in prenorm spannorm; do
+      read -r lr w <<< "$(best $norm)"
+      cell "$norm" "$lr" "$w" 1 "$layers"
+    done
+    read -r lr w <<< "$(best prenorm)"
+    cell postnorm "$lr" "$w" 1 "$layers"
+  done
+  for layers in 64 16 8; do
+    for norm in prenorm spannorm; do
+      read -r lr w <<< "$(best $norm)"
+      cell "$norm" "$lr" "$w" 2 "$layers"
+      cell "$norm" "$(neighbour "$lr")" "$w" 1 "$layers"
+    done
+  done
+}
+
+grid() {  # issue 16's queue, most informative first: the likely-best cells (warm-up 150/300 at
+  # lr 3e-3/6e-3) with seeds 1 and 2, a third seed at each best, lns once, then the depth runs,
+  # then the rest of the grid (lr 1e-3 and 1e-2, warm-up 60) with two seeds
+  grid_rounds "150 3e-3 1" "150 6e-3 1" "300 3e-3 1" "300 6e-3 1" \
+    "150 3e-3 2" "150 6e-3 2" "300 3e-3 2" "300 6e-3 2"
+  best_seeds
+  read -r lr w <<< "$(best prenorm)"
+  cell lns "$lr" "$w" 1
+  depths
+  grid_rounds "60 3e-3 1" "60 6e-3 1" "150 1e-2 1" "300 1e-2 1" "150 1e-3 1" "300 1e-3 1" \
+    "60 1e-3 1" "60 1e-2 1" "60 3e-3 2" "60 6e-3 2" "150 1e-2 2" "300 1e-2 2" "150 1e-3 2" \
+    "300 1e-3 2" "60 1e-3 2" "60 1e-2 2"
 }
 
 report() {  # tables and figures of the grid and depth runs, from the committed summaries
@@ -116,6 +160,7 @@ case "${1:-all}" in
   alpha) alpha ;;
   compare) compare ;;
   grid) grid && report ;;
+  depths) depths && report ;;
   report) report ;;
   all) depth 1 "$KEY,$OTHERS" seed1 && attn_in_sum 1 && lr 1e-2 && depth 2 "$KEY" seed2 &&
     depth 2 "$OTHERS" seed2_others && attn_in_sum 2 && lr 3e-3 && lr 3e-4 &&
