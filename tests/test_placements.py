@@ -48,41 +48,50 @@ def randomize_norms(model: nn.Module, generator: torch.Generator) -> None:
                 module.bias.copy_(0.5 * torch.randn(module.bias.shape, generator=generator))
 
 
-# --- the spec's block equations: x the block input, A/F the sublayers, N the block's norms ----
+def block_norms(block: nn.Module) -> dict[str, nn.Module]:
+    """A block's norms by slot name (empty slots, nn.Identity, left out)."""
+    return {
+        name: module
+        for name, module in block.named_children()
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm))
+    }
+
+
+# --- the spec's block equations: x the block input, A/F the sublayers, N the block's norms by
+# slot name (N1 = N["norm1"], N1i = N["norm1_in"], ...) ------------------------------------------
 
 
 def prenorm(x, A, F, N, layer, cfg):
-    h = x + A(N[0](x))
-    return h + F(N[1](h))
+    h = x + A(N["norm1"](x))
+    return h + F(N["norm2"](h))
 
 
 def postnorm(x, A, F, N, layer, cfg):
-    h = N[0](x + A(x))
-    return N[1](h + F(h))
+    h = N["norm1"](x + A(x))
+    return N["norm2"](h + F(h))
 
 
 def spannorm(x, A, F, N, layer, cfg):
     if cfg.spannorm_variant == "stream":
-        h = N[0](x + A(x))
-        z = N[1](h + F(h))
+        h = N["norm1"](x + A(x))
+        z = N["norm2"](h + F(h))
         return x + z / math.sqrt(cfg.n_layers)
     two_l = 2 * cfg.n_layers
     alpha = {"sqrt2L": two_l**0.5, "deepnorm": two_l**0.25}.get(cfg.alpha, cfg.alpha)
-    a = A(N[2](x)) if layer == 0 else A(x)
-    y = N[0](x + a)
-    return N[1](alpha * x + F(y) + (a if cfg.attn_in_sum else 0))
+    a = A(N["norm0"](x)) if layer == 0 else A(x)
+    y = N["norm1"](x + a)
+    return N["norm2"](alpha * x + F(y) + (a if cfg.attn_in_sum else 0))
 
 
 def deepnorm(x, A, F, N, layer, cfg):
     alpha = (2 * cfg.n_layers) ** 0.25
-    h = N[0](alpha * x + A(x))
-    return N[1](alpha * h + F(h))
+    h = N["norm1"](alpha * x + A(x))
+    return N["norm2"](alpha * h + F(h))
 
 
 def sandwich(x, A, F, N, layer, cfg):
-    n1_in, n1_out, n2_in, n2_out = N
-    h = x + n1_out(A(n1_in(x)))
-    return h + n2_out(F(n2_in(h)))
+    h = x + N["norm1_out"](A(N["norm1_in"](x)))
+    return h + N["norm2_out"](F(N["norm2_in"](h)))
 
 
 def mixln_postnorm_blocks(cfg) -> int:
@@ -99,18 +108,18 @@ def hybridnorm(x, A, F, N, layer, cfg):
     if cfg.hybridnorm_star and layer == 0:
         return prenorm(x, A, F, N, layer, cfg)
     h = x + A(x)
-    return N[0](h) + F(N[0](h))
+    return N["norm2"](h) + F(N["norm2"](h))
 
 
 def b2t(x, A, F, N, layer, cfg):
-    y = N[0](x + A(x))
-    return N[1](x + y + F(y))
+    y = N["norm1"](x + A(x))
+    return N["norm2"](x + y + F(y))
 
 
 def lns(x, A, F, N, layer, cfg):
     scale = 1 / math.sqrt(layer + 1)
-    h = x + A(scale * N[0](x))
-    return h + F(scale * N[1](h))
+    h = x + A(scale * N["norm1"](x))
+    return h + F(scale * N["norm2"](h))
 
 
 SPEC = {
@@ -119,14 +128,15 @@ SPEC = {
 }
 
 
-def spec_norm_count(name: str, cfg: TransformerConfig, layer: int) -> int:
+def spec_norm_slots(name: str, cfg: TransformerConfig, layer: int) -> set[str]:
+    """The norms of block `layer` in the spec, by the names the equations give them."""
     if name == "sandwich":
-        return 4
-    if name == "spannorm":
-        return 3 if cfg.spannorm_variant == "block" and layer == 0 else 2
-    if name == "hybridnorm":
-        return 2 if cfg.hybridnorm_star and layer == 0 else 1
-    return 2
+        return {"norm1_in", "norm1_out", "norm2_in", "norm2_out"}
+    if name == "spannorm" and cfg.spannorm_variant == "block" and layer == 0:
+        return {"norm0", "norm1", "norm2"}
+    if name == "hybridnorm" and not (cfg.hybridnorm_star and layer == 0):
+        return {"norm2"}
+    return {"norm1", "norm2"}
 
 
 def spec_final_norm(name: str, cfg: TransformerConfig) -> bool:
@@ -170,18 +180,45 @@ def test_block_output_matches_spec_equation(name, options, norm_type):
     for layer, block in enumerate(model.blocks):
         block.attn = FixedMap(D_MODEL, generator)
         block.ffn = FixedMap(D_MODEL, generator)
-        assert len(block.norms) == spec_norm_count(name, model.cfg, layer), f"block {layer}"
-        expected = SPEC[name](x, block.attn, block.ffn, block.norms, layer, model.cfg)
+        norms = block_norms(block)
+        assert set(norms) == spec_norm_slots(name, model.cfg, layer), f"block {layer}"
+        expected = SPEC[name](x, block.attn, block.ffn, norms, layer, model.cfg)
         with torch.no_grad():
             torch.testing.assert_close(block(x), expected, msg=f"{name} block {layer}")
 
 
 @pytest.mark.parametrize("variant", ["block", "stream"])
-def test_spannorm_input_norm_is_the_third_norm_of_block_zero_only(variant):
+def test_spannorm_input_norm_n0_is_a_norm_in_block_zero_only(variant):
     model = build("spannorm", spannorm_variant=variant)
     first, *later = model.blocks
-    assert first.input_norm is (first.norms[2] if variant == "block" else None)
-    assert all(block.input_norm is None for block in later)
+    assert isinstance(first.norm0, nn.LayerNorm if variant == "block" else nn.Identity)
+    assert all(isinstance(block.norm0, nn.Identity) for block in later)
+    assert ("blocks.0.norm0.weight" in model.state_dict()) == (variant == "block")
+
+
+@pytest.mark.parametrize(("name", "options"), CASES, ids=lambda v: str(v) if v else "default")
+def test_checkpoints_with_the_norms_in_a_list_still_load(name, options):
+    """Checkpoints from before the named slots held each block's norms as `norms.<i>`: N1, N2
+    then SpanNorm's N0 (also as `input_norm`); Sandwich's N1i, N1o, N2i, N2o. They load into
+    the named slots."""
+    listed_order = ["norm1", "norm2", "norm0", "norm1_in", "norm1_out", "norm2_in", "norm2_out"]
+    model = build(name, **options)
+    randomize_norms(model, torch.Generator().manual_seed(0))
+    listed = {}
+    for key, value in model.state_dict().items():
+        block, slot, rest = key.split(".", 3)[1:] if key.startswith("blocks.") else ("", "", "")
+        block_slots = block_norms(model.blocks[int(block)]) if block else []
+        names = sorted(block_slots, key=listed_order.index)
+        if slot in names:
+            key = f"blocks.{block}.norms.{names.index(slot)}.{rest}"
+        if slot == "norm0":  # SpanNorm's N0 was also held as `input_norm`
+            listed[f"blocks.{block}.input_norm.{rest}"] = value
+        listed[key] = value
+    assert any(".norms." in key for key in listed)
+    fresh = build(name, **options)
+    fresh.load_state_dict(listed)  # strict
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], value, msg=key)
 
 
 @pytest.mark.parametrize(
@@ -204,7 +241,7 @@ def test_mixln_switches_from_postnorm_to_prenorm_at_floor_r_times_l(ratio, n_lay
     for layer, block in enumerate(model.blocks):
         block.attn, block.ffn = FixedMap(D_MODEL, generator), FixedMap(D_MODEL, generator)
         rule = postnorm if layer < n_postnorm else prenorm
-        expected = rule(x, block.attn, block.ffn, block.norms, layer, model.cfg)
+        expected = rule(x, block.attn, block.ffn, block_norms(block), layer, model.cfg)
         with torch.no_grad():
             torch.testing.assert_close(block(x), expected, msg=f"block {layer}")
 

@@ -1,8 +1,59 @@
-"""The model's configuration: every switch a norm-placement experiment turns."""
+"""The model's configuration: every switch a norm-placement experiment turns, checked when the
+config is made (before anything is built), and the named values those switches take."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
+from enum import StrEnum
+
+from spannorm.model.norms import NORM_TYPES
+
+
+class InitScheme(StrEnum):
+    """The initialization schemes (their rules: `spannorm.model.init`)."""
+
+    GPT2 = "gpt2"
+    NORMAL = "normal"
+    XAVIER = "xavier"
+    DEEPNORM = "deepnorm"
+
+
+def deepnorm_alpha(n_layers: int) -> float:
+    """DeepNet's decoder-only residual scale (2L)^(1/4)."""
+    return (2 * n_layers) ** 0.25
+
+
+# SpanNorm's `alpha` by name, as a function of the depth L
+NAMED_ALPHAS = {"sqrt2L": lambda n_layers: math.sqrt(2 * n_layers), "deepnorm": deepnorm_alpha}
+
+
+def resolve_alpha(alpha: float | str, n_layers: int) -> float:
+    """SpanNorm's skip scale: `sqrt2L` -> sqrt(2L), `deepnorm` -> (2L)^(1/4), or a positive
+    number (also written as a string, e.g. "2.5")."""
+    if alpha in NAMED_ALPHAS:
+        return NAMED_ALPHAS[alpha](n_layers)
+    value = math.nan
+    if not isinstance(alpha, bool):
+        try:
+            value = float(alpha)
+        except (TypeError, ValueError):
+            pass
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"model.alpha={alpha!r} is not valid; use a positive number, "
+            + " or ".join(NAMED_ALPHAS)
+        )
+    return value
+
+
+# What each annotation accepts, and how the error names it
+_KINDS = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+}
 
 
 @dataclass
@@ -48,9 +99,27 @@ class TransformerConfig:
     moe_bias_update_rate: float = 1e-3
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+        for field in fields(self):
+            if field.type in _KINDS:
+                accepts, kind = _KINDS[field.type]
+                if not accepts(getattr(self, field.name)):
+                    raise ValueError(
+                        f"model.{field.name}={getattr(self, field.name)!r} must be {kind}"
+                    )
+        positive = ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "n_experts")
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be a positive integer")
+        for name in ("mlp_ratio", "rope_theta", "norm_eps", "init_std"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"model.{name}={getattr(self, name)} must be a positive number")
+        for name in ("moe_aux_loss_coef", "moe_bias_update_rate"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"model.{name}={getattr(self, name)} must be a number >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout={self.dropout} must lie in [0, 1)")
+        if not 0.0 <= self.mixln_ratio <= 1.0:
+            raise ValueError(f"model.mixln_ratio={self.mixln_ratio} must lie in [0, 1]")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
@@ -58,11 +127,11 @@ class TransformerConfig:
         if self.head_dim % 2:
             raise ValueError(f"head size d_model/n_heads={self.head_dim} must be even for RoPE")
         choices = {
-            "norm_type": ("layernorm", "rmsnorm"),
+            "norm_type": NORM_TYPES,
             "mlp": ("swiglu", "gelu"),
             "ffn": ("dense", "moe"),
             "spannorm_variant": ("block", "stream"),
-            "init": ("default", "gpt2", "normal", "xavier", "deepnorm"),
+            "init": ("default", *InitScheme),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -74,8 +143,7 @@ class TransformerConfig:
             raise ValueError(
                 f"model.top_k={self.top_k} must be between 1 and model.n_experts={self.n_experts}"
             )
-        if not 0.0 <= self.mixln_ratio <= 1.0:
-            raise ValueError(f"model.mixln_ratio={self.mixln_ratio} must lie in [0, 1]")
+        resolve_alpha(self.alpha, self.n_layers)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> TransformerConfig:

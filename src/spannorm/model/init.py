@@ -19,17 +19,19 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from spannorm.model.config import TransformerConfig
+from spannorm.model.config import InitScheme, TransformerConfig
 from spannorm.model.layers import MLP, CausalSelfAttention
+from spannorm.model.norms import is_norm
 
-UNIT_VARIANCE_SCHEMES = ("xavier", "deepnorm")
-
-
-def resolve_init(cfg: TransformerConfig, placement_default: str) -> str:
-    return placement_default if cfg.init == "default" else cfg.init
+UNIT_VARIANCE_SCHEMES = (InitScheme.XAVIER, InitScheme.DEEPNORM)
 
 
-def embedding_scale(scheme: str, d_model: int) -> float:
+def resolve_init(cfg: TransformerConfig, placement_default: InitScheme) -> InitScheme:
+    """`model.init`, or the placement's own scheme where it is `default`."""
+    return placement_default if cfg.init == "default" else InitScheme(cfg.init)
+
+
+def embedding_scale(scheme: InitScheme, d_model: int) -> float:
     """The multiplier on token embeddings: sqrt(d) for unit-variance schemes, else 1."""
     return math.sqrt(d_model) if scheme in UNIT_VARIANCE_SCHEMES else 1.0
 
@@ -37,12 +39,12 @@ def embedding_scale(scheme: str, d_model: int) -> float:
 class MatrixInit:
     """Initializes one matrix as an input-side or an output-projection weight under a scheme."""
 
-    def __init__(self, scheme: str, cfg: TransformerConfig) -> None:
+    def __init__(self, scheme: InitScheme, cfg: TransformerConfig) -> None:
         L = cfg.n_layers
         self.unit_variance = scheme in UNIT_VARIANCE_SCHEMES
         self.std = cfg.init_std
-        self.beta = (8 * L) ** -0.25 if scheme == "deepnorm" else 1.0
-        depth_scaled = scheme == "gpt2" or cfg.depth_scaled_init
+        self.beta = (8 * L) ** -0.25 if scheme == InitScheme.DEEPNORM else 1.0
+        depth_scaled = scheme == InitScheme.GPT2 or cfg.depth_scaled_init
         self.out_scale = 1 / math.sqrt(2 * L) if depth_scaled else 1.0
 
     @torch.no_grad()
@@ -63,10 +65,16 @@ def _init_attention(attn: CausalSelfAttention, init: MatrixInit) -> None:
     init(attn.proj.weight, output=True, beta=True)
 
 
-def _init_mlp(mlp: MLP, init: MatrixInit) -> None:
-    for part in mlp.fc.weight.split(mlp.hidden, dim=0):  # SwiGLU's gate and up are two matrices
+def init_ffn(w_in: torch.Tensor, w_out: torch.Tensor, hidden: int, init: MatrixInit) -> None:
+    """One feed-forward network (the dense MLP or one MoE expert): W_in as input matrices
+    (SwiGLU's gate and up as two), W_out as an output projection, both with DeepNet's gain."""
+    for part in w_in.split(hidden, dim=0):
         init(part, beta=True)
-    init(mlp.proj.weight, output=True, beta=True)
+    init(w_out, output=True, beta=True)
+
+
+def _init_mlp(mlp: MLP, init: MatrixInit) -> None:
+    init_ffn(mlp.fc.weight, mlp.proj.weight, mlp.hidden, init)
 
 
 def _sublayer_rule(module: nn.Module, model: nn.Module) -> Callable[[MatrixInit], None] | None:
@@ -80,7 +88,7 @@ def _sublayer_rule(module: nn.Module, model: nn.Module) -> Callable[[MatrixInit]
     return None
 
 
-def init_weights(model: nn.Module, cfg: TransformerConfig, scheme: str) -> None:
+def init_weights(model: nn.Module, cfg: TransformerConfig, scheme: InitScheme) -> None:
     """Apply `scheme` to a freshly built TransformerLM (in place).
 
     Sublayers other than attention and the MLP (e.g. MoE) initialize themselves through an
@@ -102,5 +110,5 @@ def init_weights(model: nn.Module, cfg: TransformerConfig, scheme: str) -> None:
             nn.init.normal_(module.weight, std=emb_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
-        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        if is_norm(module):
             module.reset_parameters()

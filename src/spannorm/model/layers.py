@@ -98,25 +98,39 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, D)))
 
 
+def ffn_hidden(cfg: TransformerConfig) -> int:
+    """Hidden width of the feed-forward network: ratio*d for GELU; 2/3*ratio*d rounded to a
+    multiple of 8 for SwiGLU, whose gate and up matrices then hold as many weights as GELU's one."""
+    if cfg.mlp == "swiglu":
+        return 8 * round(2 / 3 * cfg.mlp_ratio * cfg.d_model / 8)
+    return int(cfg.mlp_ratio * cfg.d_model)
+
+
+def ffn_input_width(cfg: TransformerConfig) -> int:
+    """Rows of the input matrix W_in: [gate; up] for SwiGLU, one hidden layer for GELU."""
+    return (2 if cfg.mlp == "swiglu" else 1) * ffn_hidden(cfg)
+
+
+def ffn_activation(kind: str, h: torch.Tensor) -> torch.Tensor:
+    """SwiGLU: silu(gate) * up on h = x W_in = [gate; up].  GELU: gelu(h)."""
+    if kind == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h)
+
+
 class MLP(nn.Module):
-    """SwiGLU: proj(silu(x W_g) * x W_u).  GELU: proj(gelu(x W_fc))."""
+    """The feed-forward network: proj(act(fc(x))), `act` and widths as above. SwiGLU:
+    proj(silu(x W_g) * x W_u).  GELU: proj(gelu(x W_fc)). Each MoE expert is the same function
+    on its own weights (`spannorm.model.moe`)."""
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.kind = cfg.mlp
-        if cfg.mlp == "swiglu":
-            self.hidden = 8 * round(2 / 3 * cfg.mlp_ratio * cfg.d_model / 8)
-            self.fc = nn.Linear(cfg.d_model, 2 * self.hidden, bias=cfg.bias)  # [gate; up]
-        else:
-            self.hidden = int(cfg.mlp_ratio * cfg.d_model)
-            self.fc = nn.Linear(cfg.d_model, self.hidden, bias=cfg.bias)
+        self.hidden = ffn_hidden(cfg)
+        self.fc = nn.Linear(cfg.d_model, ffn_input_width(cfg), bias=cfg.bias)
         self.proj = nn.Linear(self.hidden, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "swiglu":
-            gate, up = self.fc(x).chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(self.fc(x))
-        return self.dropout(self.proj(h))
+        return self.dropout(self.proj(ffn_activation(self.kind, self.fc(x))))

@@ -27,16 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spannorm.model.config import TransformerConfig
-from spannorm.model.init import MatrixInit
-from spannorm.model.layers import MLP
-
-
-def expert_hidden(cfg: TransformerConfig) -> int:
-    """Hidden width of one expert: the dense MLP's rule (2/3 * ratio * d rounded to 8 for SwiGLU)."""
-    if cfg.mlp == "swiglu":
-        return 8 * round(2 / 3 * cfg.mlp_ratio * cfg.d_model / 8)
-    return int(cfg.mlp_ratio * cfg.d_model)
+from spannorm.model.config import InitScheme, TransformerConfig
+from spannorm.model.init import MatrixInit, init_ffn
+from spannorm.model.layers import MLP, ffn_activation, ffn_hidden, ffn_input_width
 
 
 class MoE(nn.Module):
@@ -49,10 +42,10 @@ class MoE(nn.Module):
         super().__init__()
         self.kind = cfg.mlp
         self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
-        self.hidden = expert_hidden(cfg)
+        self.hidden = ffn_hidden(cfg)
         self.aux_loss_coef = cfg.moe_aux_loss_coef
         self.bias_update_rate = cfg.moe_bias_update_rate
-        in_width = 2 * self.hidden if cfg.mlp == "swiglu" else self.hidden  # SwiGLU: [gate; up]
+        in_width = ffn_input_width(cfg)
         M, D = cfg.n_experts, cfg.d_model
         self.router_weight = nn.Parameter(torch.empty(M, D))
         self.w_in = nn.Parameter(torch.empty(M, in_width, D))
@@ -65,7 +58,7 @@ class MoE(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
         self.last_router_entropy: torch.Tensor | None = None
-        self.init_weights(MatrixInit("normal", cfg))
+        self.init_weights(MatrixInit(InitScheme.NORMAL, cfg))
 
     @torch.no_grad()
     def init_weights(self, init: MatrixInit) -> None:
@@ -73,9 +66,7 @@ class MoE(nn.Module):
         (both with DeepNet's gain where it applies); biases zero."""
         init(self.router_weight)
         for e in range(self.n_experts):
-            for part in self.w_in[e].split(self.hidden, dim=0):
-                init(part, beta=True)
-            init(self.w_out[e], output=True, beta=True)
+            init_ffn(self.w_in[e], self.w_out[e], self.hidden, init)
         for bias in (self.b_in, self.b_out):
             if bias is not None:
                 bias.zero_()
@@ -92,13 +83,6 @@ class MoE(nn.Module):
             return probs, chosen, gates
         return probs, chosen, gates / gates.sum(dim=-1, keepdim=True)
 
-    def activation(self, h: torch.Tensor) -> torch.Tensor:
-        """SwiGLU: silu(gate) * up on h = [gate; up].  GELU: gelu(h)."""
-        if self.kind == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            return F.silu(gate) * up
-        return F.gelu(h)
-
     def run_experts(self, sorted_tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Expert e on its slice of `sorted_tokens` (counts[e] rows, in expert order):
         w_out,e act(w_in,e x + b_in,e) + b_out,e.
@@ -111,7 +95,7 @@ class MoE(nn.Module):
         b_out = no_bias if self.b_out is None else self.b_out.unbind(0)
         chunks = sorted_tokens.split(counts, dim=0)
         outputs = [
-            F.linear(self.activation(F.linear(chunk, w_in, bias_in)), w_out, bias_out)
+            F.linear(ffn_activation(self.kind, F.linear(chunk, w_in, bias_in)), w_out, bias_out)
             for chunk, w_in, bias_in, w_out, bias_out in zip(
                 chunks, self.w_in.unbind(0), b_in, self.w_out.unbind(0), b_out, strict=True
             )

@@ -1,18 +1,20 @@
-"""Normalization modules: LayerNorm or RMSNorm, chosen by `model.norm_type`."""
+"""Normalization modules: LayerNorm or RMSNorm, chosen by `model.norm_type`.
+
+LayerNorm: (x - mean) / std * g + b.  RMSNorm: x / rms(x) * g.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
-NORM_TYPES = ("layernorm", "rmsnorm")
+NORMS: dict[str, type[nn.Module]] = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
+NORM_TYPES = tuple(NORMS)  # the values of `model.norm_type`
 
 
 def make_norm(norm_type: str, dim: int, eps: float = 1e-5) -> nn.Module:
-    """LayerNorm: (x - mean) / std * g + b.  RMSNorm: x / rms(x) * g."""
-    if norm_type == "layernorm":
-        return nn.LayerNorm(dim, eps=eps)
-    if norm_type == "rmsnorm":
-        return nn.RMSNorm(dim, eps=eps)
-    raise ValueError(
-        f"model.norm_type={norm_type!r} is not valid; choose one of: {', '.join(NORM_TYPES)}"
-    )
+    """A norm over the last `dim` features (`TransformerConfig` has checked `norm_type`)."""
+    return NORMS[norm_type](dim, eps=eps)
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, tuple(NORMS.values()))

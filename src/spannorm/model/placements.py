@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from spannorm.model.config import TransformerConfig
+from spannorm.model.config import InitScheme, TransformerConfig, deepnorm_alpha, resolve_alpha
 from spannorm.model.layers import MLP, CausalSelfAttention
 from spannorm.model.moe import MoE
-from spannorm.model.norms import make_norm
+from spannorm.model.norms import is_norm, make_norm
 
 
 @dataclass(frozen=True)
@@ -28,14 +28,14 @@ class Placement:
     name: str
     make_block: Callable[[TransformerConfig, int], nn.Module]
     final_norm: Callable[[TransformerConfig], bool]
-    default_init: str
+    default_init: InitScheme
     source: str
 
 
 PLACEMENTS: dict[str, Placement] = {}
 
 
-def register(name: str, final_norm, default_init: str, source: str):
+def register(name: str, final_norm, default_init: InitScheme, source: str):
     """Class decorator adding a block type to PLACEMENTS; `final_norm` is a bool or f(cfg)."""
 
     def add(block_factory):
@@ -59,57 +59,77 @@ def make_ffn(cfg: TransformerConfig) -> nn.Module:
     return MoE(cfg) if cfg.ffn == "moe" else MLP(cfg)
 
 
-class Block(nn.Module):
-    """Attention, feed-forward and `n_norms` norms (N1, N2, ...) of the configured type."""
+def norm(cfg: TransformerConfig) -> nn.Module:
+    """One norm N* of the configured type over the model width."""
+    return make_norm(cfg.norm_type, cfg.d_model, cfg.norm_eps)
 
-    def __init__(self, cfg: TransformerConfig, layer: int, norms: int, qkv_norm: bool = False):
+
+class Block(nn.Module):
+    """Attention `attn` and feed-forward `ffn`; each placement adds its norms as named slots that
+    read like its equation (N1 is `norm1`, N1i is `norm1_in`, ...), nn.Identity where a slot is
+    empty in this block. The slots are the state-dict keys (`blocks.0.norm1.weight`)."""
+
+    def __init__(self, cfg: TransformerConfig, layer: int, qkv_norm: bool = False):
         super().__init__()
         self.layer = layer
         self.attn = CausalSelfAttention(cfg, qkv_norm=qkv_norm)
         self.ffn = make_ffn(cfg)
-        self.norms = nn.ModuleList(
-            make_norm(cfg.norm_type, cfg.d_model, cfg.norm_eps) for _ in range(norms)
+        self.register_load_state_dict_pre_hook(_rename_listed_norms)
+
+
+def _rename_listed_norms(block: Block, state_dict: dict, prefix: str, *args) -> None:
+    """Load checkpoints from before the slots had names: they kept a block's norms in a list
+    `norms`, in the order the block now registers its (non-Identity) slots, and SpanNorm's N0
+    also as `input_norm`."""
+    slots = [name for name, module in block.named_children() if is_norm(module)]
+    for key in [key for key in state_dict if key.startswith(prefix + "norms.")]:
+        index, _, rest = key.removeprefix(prefix + "norms.").partition(".")
+        state_dict[f"{prefix}{slots[int(index)]}.{rest}"] = state_dict.pop(key)
+    for key in [key for key in state_dict if key.startswith(prefix + "input_norm.")]:
+        state_dict[prefix + "norm0." + key.removeprefix(prefix + "input_norm.")] = state_dict.pop(
+            key
         )
 
 
 @register(
-    "prenorm", final_norm=True, default_init="gpt2", source="Xiong et al. 2020, arXiv 2002.04745"
+    "prenorm",
+    final_norm=True,
+    default_init=InitScheme.GPT2,
+    source="Xiong et al. 2020, arXiv 2002.04745",
 )
 class PreNormBlock(Block):
-    """h = x + A(N1(x));  x' = h + F(N2(h))."""
+    """h = x + A(N1(x));  x' = h + F(N2(h)).
+
+    x ──┬──────────────────────(+)── h ──┬──────────────────────(+)── x'
+        └── norm1 ── attn ──────┘        └── norm2 ── ffn ───────┘
+    """
 
     def __init__(self, cfg: TransformerConfig, layer: int):
-        super().__init__(cfg, layer, norms=2)
+        super().__init__(cfg, layer)
+        self.norm1, self.norm2 = norm(cfg), norm(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x + self.attn(self.norms[0](x))
-        return h + self.ffn(self.norms[1](h))
+        h = x + self.attn(self.norm1(x))
+        return h + self.ffn(self.norm2(h))
 
 
-@register("postnorm", final_norm=False, default_init="xavier", source="Vaswani et al. 2017")
+@register(
+    "postnorm", final_norm=False, default_init=InitScheme.XAVIER, source="Vaswani et al. 2017"
+)
 class PostNormBlock(Block):
-    """h = N1(x + A(x));  x' = N2(h + F(h))."""
+    """h = N1(x + A(x));  x' = N2(h + F(h)).
+
+    x ──┬───────(+)── norm1 ── h ──┬──────(+)── norm2 ── x'
+        └── attn ─┘                └── ffn ─┘
+    """
 
     def __init__(self, cfg: TransformerConfig, layer: int):
-        super().__init__(cfg, layer, norms=2)
+        super().__init__(cfg, layer)
+        self.norm1, self.norm2 = norm(cfg), norm(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norms[0](x + self.attn(x))
-        return self.norms[1](h + self.ffn(h))
-
-
-def resolve_alpha(alpha: float | str, n_layers: int) -> float:
-    """SpanNorm's skip scale: `sqrt2L` -> sqrt(2L), `deepnorm` -> (2L)^(1/4), or a number."""
-    if alpha == "sqrt2L":
-        return math.sqrt(2 * n_layers)
-    if alpha == "deepnorm":
-        return (2 * n_layers) ** 0.25
-    try:
-        return float(alpha)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"model.alpha={alpha!r} is not valid; use a number, sqrt2L or deepnorm"
-        ) from None
+        h = self.norm1(x + self.attn(x))
+        return self.norm2(h + self.ffn(h))
 
 
 def spannorm_has_final_norm(cfg: TransformerConfig) -> bool:
@@ -119,7 +139,7 @@ def spannorm_has_final_norm(cfg: TransformerConfig) -> bool:
 @register(
     "spannorm",
     final_norm=spannorm_has_final_norm,
-    default_init="normal",
+    default_init=InitScheme.NORMAL,
     source="SpanNorm, arXiv 2601.22580 (block equations: a reading of the paper; scaling inferred)",
 )
 class SpanNormBlock(Block):
@@ -127,58 +147,75 @@ class SpanNormBlock(Block):
         a = A(N0(x)) in block 0, A(x) later;  y = N1(x + a);  x' = N2(alpha*x + F(y) [+ a])
     with alpha = sqrt(2L) by default (inferred) and `+ a` only when `attn_in_sum`.
 
+    x ──┬──────────────────────────────────── ×alpha ──(+)── norm2 ── x'
+        ├────────────(+)── norm1 ── y ── ffn ────────────┘
+        └── norm0 ── attn ──┘ a          (a joins the norm2 sum if attn_in_sum)
+    norm0: block 0 only (nn.Identity in later blocks)
+
     `variant=stream` (inferred second reading): h = N1(x + A(x)); z = N2(h + F(h));
-        x' = x + z / sqrt(L), with a final norm after the stack.
+        x' = x + z / sqrt(L), with a final norm after the stack (norm0 is nn.Identity).
     """
 
     def __init__(self, cfg: TransformerConfig, layer: int):
+        super().__init__(cfg, layer)
         self.variant = cfg.spannorm_variant
-        has_input_norm = self.variant == "block" and layer == 0
-        super().__init__(cfg, layer, norms=2 + has_input_norm)
-        self.input_norm = self.norms[2] if has_input_norm else None
+        self.norm1, self.norm2 = norm(cfg), norm(cfg)
+        self.norm0 = norm(cfg) if self.variant == "block" and layer == 0 else nn.Identity()
         self.alpha = resolve_alpha(cfg.alpha, cfg.n_layers)
         self.attn_in_sum = cfg.attn_in_sum
         self.stream_scale = 1.0 / math.sqrt(cfg.n_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.variant == "stream":
-            h = self.norms[0](x + self.attn(x))
-            return x + self.stream_scale * self.norms[1](h + self.ffn(h))
-        a = self.attn(self.input_norm(x) if self.input_norm is not None else x)
-        y = self.norms[0](x + a)
+            h = self.norm1(x + self.attn(x))
+            return x + self.stream_scale * self.norm2(h + self.ffn(h))
+        a = self.attn(self.norm0(x))
+        y = self.norm1(x + a)
         total = self.alpha * x + self.ffn(y)
-        return self.norms[1](total + a if self.attn_in_sum else total)
+        return self.norm2(total + a if self.attn_in_sum else total)
 
 
-def deepnorm_alpha(n_layers: int) -> float:
-    """DeepNet's decoder-only residual scale (2L)^(1/4)."""
-    return (2 * n_layers) ** 0.25
-
-
-@register("deepnorm", final_norm=False, default_init="deepnorm", source="DeepNet, arXiv 2203.00555")
+@register(
+    "deepnorm",
+    final_norm=False,
+    default_init=InitScheme.DEEPNORM,
+    source="DeepNet, arXiv 2203.00555",
+)
 class DeepNormBlock(Block):
-    """h = N1(alpha*x + A(x));  x' = N2(alpha*h + F(h)),  alpha = (2L)^(1/4)."""
+    """h = N1(alpha*x + A(x));  x' = N2(alpha*h + F(h)),  alpha = (2L)^(1/4).
+
+    x ──┬── ×alpha ──(+)── norm1 ── h ──┬── ×alpha ──(+)── norm2 ── x'
+        └───── attn ──┘                 └───── ffn ───┘
+    """
 
     def __init__(self, cfg: TransformerConfig, layer: int):
-        super().__init__(cfg, layer, norms=2)
+        super().__init__(cfg, layer)
+        self.norm1, self.norm2 = norm(cfg), norm(cfg)
         self.alpha = deepnorm_alpha(cfg.n_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norms[0](self.alpha * x + self.attn(x))
-        return self.norms[1](self.alpha * h + self.ffn(h))
+        h = self.norm1(self.alpha * x + self.attn(x))
+        return self.norm2(self.alpha * h + self.ffn(h))
 
 
-@register("sandwich", final_norm=True, default_init="gpt2", source="Peri-LN, arXiv 2502.02732")
+@register(
+    "sandwich", final_norm=True, default_init=InitScheme.GPT2, source="Peri-LN, arXiv 2502.02732"
+)
 class SandwichBlock(Block):
-    """h = x + N1o(A(N1i(x)));  x' = h + N2o(F(N2i(h)))   (norms: N1i, N1o, N2i, N2o)."""
+    """h = x + N1o(A(N1i(x)));  x' = h + N2o(F(N2i(h))).
+
+    x ──┬──────────────────────────────────(+)── h ──┬────────────────────────────────(+)── x'
+        └── norm1_in ── attn ── norm1_out ──┘        └── norm2_in ── ffn ── norm2_out ──┘
+    """
 
     def __init__(self, cfg: TransformerConfig, layer: int):
-        super().__init__(cfg, layer, norms=4)
+        super().__init__(cfg, layer)
+        self.norm1_in, self.norm1_out = norm(cfg), norm(cfg)
+        self.norm2_in, self.norm2_out = norm(cfg), norm(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n1i, n1o, n2i, n2o = self.norms
-        h = x + n1o(self.attn(n1i(x)))
-        return h + n2o(self.ffn(n2i(h)))
+        h = x + self.norm1_out(self.attn(self.norm1_in(x)))
+        return h + self.norm2_out(self.ffn(self.norm2_in(h)))
 
 
 def mixln_block(cfg: TransformerConfig, layer: int) -> nn.Module:
@@ -189,50 +226,81 @@ def mixln_block(cfg: TransformerConfig, layer: int) -> nn.Module:
     return PreNormBlock(cfg, layer)
 
 
-register("mixln", final_norm=True, default_init="gpt2", source="Mix-LN, arXiv 2412.13795")(
+register("mixln", final_norm=True, default_init=InitScheme.GPT2, source="Mix-LN, arXiv 2412.13795")(
     mixln_block
 )
 
 
-@register("hybridnorm", final_norm=True, default_init="gpt2", source="HybridNorm, arXiv 2503.04598")
+@register(
+    "hybridnorm",
+    final_norm=True,
+    default_init=InitScheme.GPT2,
+    source="HybridNorm, arXiv 2503.04598",
+)
 class HybridNormBlock(Block):
-    """h = x + A_qkv(x) (per-head norms on q, k, v);  x' = N2(h) + F(N2(h)).
-    `hybridnorm_star`: block 0 is h = x + A_qkv(N1(x));  x' = h + F(N2(h))."""
+    """h = x + A_qkv(x) (per-head norms on q, k, v, in `attn.qkv_norms`);  x' = N2(h) + F(N2(h)).
+
+    x ──┬───────────(+)── h ── norm2 ──┬──────(+)── x'
+        └── attn_qkv ─┘                └── ffn ─┘
+
+    `hybridnorm_star`: block 0 is h = x + A_qkv(N1(x));  x' = h + F(N2(h)) (elsewhere `norm1` is
+    nn.Identity)."""
 
     def __init__(self, cfg: TransformerConfig, layer: int):
+        super().__init__(cfg, layer, qkv_norm=True)
         self.star = cfg.hybridnorm_star and layer == 0
-        super().__init__(cfg, layer, norms=1 + self.star, qkv_norm=True)
+        self.norm1 = norm(cfg) if self.star else nn.Identity()
+        self.norm2 = norm(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.star:
-            h = x + self.attn(self.norms[0](x))
-            return h + self.ffn(self.norms[1](h))
-        h = self.norms[0](x + self.attn(x))
+            h = x + self.attn(self.norm1(x))
+            return h + self.ffn(self.norm2(h))
+        h = self.norm2(x + self.attn(x))
         return h + self.ffn(h)
 
 
-@register("b2t", final_norm=False, default_init="xavier", source="B2T connection, arXiv 2206.00330")
+@register(
+    "b2t",
+    final_norm=False,
+    default_init=InitScheme.XAVIER,
+    source="B2T connection, arXiv 2206.00330",
+)
 class B2TBlock(Block):
-    """y = N1(x + A(x));  x' = N2(x + y + F(y))."""
+    """y = N1(x + A(x));  x' = N2(x + y + F(y)).
+
+    x ──┬─────────────────────────────────────┐
+        ├───────(+)── norm1 ── y ──┬──────────(+)── norm2 ── x'
+        └── attn ─┘                └── ffn ────┘
+    """
 
     def __init__(self, cfg: TransformerConfig, layer: int):
-        super().__init__(cfg, layer, norms=2)
+        super().__init__(cfg, layer)
+        self.norm1, self.norm2 = norm(cfg), norm(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.norms[0](x + self.attn(x))
-        return self.norms[1](x + y + self.ffn(y))
+        y = self.norm1(x + self.attn(x))
+        return self.norm2(x + y + self.ffn(y))
 
 
 @register(
-    "lns", final_norm=True, default_init="normal", source="LayerNorm Scaling, arXiv 2502.05795"
+    "lns",
+    final_norm=True,
+    default_init=InitScheme.NORMAL,
+    source="LayerNorm Scaling, arXiv 2502.05795",
 )
 class LNSBlock(Block):
-    """PreNorm with each N(h) scaled by 1/sqrt(l+1):  h = x + A(N1(x)/sqrt(l+1)); ..."""
+    """PreNorm with each N(h) scaled by 1/sqrt(l+1):  h = x + A(N1(x)/sqrt(l+1)); ...
+
+    x ──┬─────────────────────────────────────(+)── h ──┬──────────────────────────────────(+)── x'
+        └── norm1 ── ×1/sqrt(l+1) ── attn ──────┘        └── norm2 ── ×1/sqrt(l+1) ── ffn ──┘
+    """
 
     def __init__(self, cfg: TransformerConfig, layer: int):
-        super().__init__(cfg, layer, norms=2)
+        super().__init__(cfg, layer)
+        self.norm1, self.norm2 = norm(cfg), norm(cfg)
         self.scale = 1.0 / math.sqrt(layer + 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x + self.attn(self.scale * self.norms[0](x))
-        return h + self.ffn(self.scale * self.norms[1](h))
+        h = x + self.attn(self.scale * self.norm1(x))
+        return h + self.ffn(self.scale * self.norm2(h))
