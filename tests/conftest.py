@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,6 +63,11 @@ def tiny_overrides(corpus: dict[str, Path], *replacements: str) -> list[str]:
     chosen = dict(override.split("=", 1) for override in defaults)
     chosen.update(override.split("=", 1) for override in replacements)
     return [f"{key}={value}" for key, value in chosen.items()]
+
+
+def optim_options(**changes) -> dict:
+    """The options of conf/optim/adamw.yaml (the config is their one source), with `changes`."""
+    return {**OmegaConf.to_container(OmegaConf.load(REPO / "conf/optim/adamw.yaml")), **changes}
 
 
 def run_entry(

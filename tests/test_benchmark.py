@@ -6,13 +6,14 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from conftest import optim_options
 from torch.utils.data import DataLoader
 
 from spannorm.analysis.benchmark import BareLoop, median_interval
 from spannorm.lm import LanguageModel
 
 MODEL = {"vocab_size": 64, "d_model": 32, "n_heads": 2, "n_layers": 2, "max_seq_len": 16}
-OPTIM = {"lr": 3e-2, "warmup_steps": 2}
+OPTIM = optim_options(lr=3e-2, warmup_steps=2)
 
 
 def batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

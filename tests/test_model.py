@@ -5,7 +5,7 @@ import torch
 
 from spannorm import TransformerConfig, TransformerLM
 from spannorm.generate import generate
-from spannorm.lm import warmup_cosine
+from spannorm.optim import warmup_cosine
 
 
 def tiny(**overrides) -> TransformerLM:

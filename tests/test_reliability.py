@@ -15,7 +15,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_entry, tiny_overrides
+from conftest import REPO, optim_options, run_entry, tiny_overrides
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -196,7 +196,9 @@ def fit_tiny(tmp_path: Path, stopper: LastCheckpoint, sender: SendSignal) -> Non
         # save_top_k=0: the last.ckpt of validations is not written, only LastCheckpoint's
         callbacks=[ModelCheckpoint(tmp_path, save_top_k=0, save_last=True), stopper, sender],
     )
-    lm = LanguageModel(vocab_size=60, d_model=16, n_layers=1, n_heads=2, max_seq_len=8)
+    lm = LanguageModel(
+        optim=optim_options(), vocab_size=60, d_model=16, n_layers=1, n_heads=2, max_seq_len=8
+    )
     try:
         trainer.fit(lm, train_dataloaders=train_loader, val_dataloaders=val_loader)
     finally:

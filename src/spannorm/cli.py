@@ -140,10 +140,13 @@ def prepare_data(datamodule):
 
 def check_train_config(cfg: DictConfig) -> None:
     """Fail at once, in one line, on options that would otherwise fail only once the data or the
-    model is built: the model options (TransformerConfig's checks), data sizes, sequence length."""
+    model is built: the model and optimizer options (TransformerConfig's and OptimConfig's
+    checks), data sizes, sequence length."""
     from spannorm.lm import TRAINING_OPTIONS, model_config
+    from spannorm.optim import OptimConfig
 
     model_options = OmegaConf.to_container(cfg.model, resolve=True)
+    OptimConfig.from_options(model_options.get("optim"))
     model_config(
         {k: v for k, v in model_options.items() if k not in ("_target_", *TRAINING_OPTIONS)}
     )

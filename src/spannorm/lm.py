@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import math
 import sys
 from typing import Any
 
@@ -14,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics.aggregation import MeanMetric
 
 from spannorm.model import TransformerConfig, TransformerLM, get_placement
+from spannorm.optim import OptimConfig, build_optimizer
 from spannorm.parallel import (
     apply_activation_checkpointing,
     apply_compile,
@@ -23,24 +23,6 @@ from spannorm.parallel import (
 
 # The keywords of LanguageModel itself; every other keyword is a TransformerConfig field.
 TRAINING_OPTIONS = ("optim", "compile", "activation_checkpointing")
-
-DEFAULT_OPTIM = {
-    "lr": 1e-3,
-    "weight_decay": 0.1,
-    "betas": (0.9, 0.95),
-    "eps": 1e-8,
-    "warmup_steps": 100,
-    "min_lr_ratio": 0.1,
-    "fused": True,
-}
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warmup to 1 over `warmup_steps`, then cosine decay to `min_lr_ratio`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def keep_freed_memory() -> bool:
@@ -69,8 +51,9 @@ def model_config(model_options: dict[str, Any]) -> TransformerConfig:
 
 class LanguageModel(L.LightningModule):
     """Next-token prediction with `TransformerLM`. Every keyword but the `TRAINING_OPTIONS` is a
-    model option (`TransformerConfig`); `optim` holds lr, weight_decay, betas, eps, warmup_steps,
-    min_lr_ratio, fused; `compile` and `activation_checkpointing` are applied in `configure_model`."""
+    model option (`TransformerConfig`); `optim` holds every `OptimConfig` option (the values of
+    conf/optim/adamw.yaml; needed to train, not to run a trained model); `compile` and
+    `activation_checkpointing` are applied in `configure_model`."""
 
     def __init__(
         self,
@@ -90,7 +73,6 @@ class LanguageModel(L.LightningModule):
                 **model_options,
             }
         )
-        self.optim = {**DEFAULT_OPTIM, **(optim or {})}
         self.compile_blocks = compile
         self.activation_checkpointing = activation_checkpointing
         self.model = TransformerLM(model_config(model_options))
@@ -163,21 +145,12 @@ class LanguageModel(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
-        o = self.optim
-        optimizer = torch.optim.AdamW(
-            self.model.optimizer_groups(o["weight_decay"]),
-            lr=o["lr"],
-            betas=tuple(o["betas"]),
-            eps=o["eps"],
-            fused=o["fused"] or None,  # one kernel for every tensor: 5x faster steps on CPU
-        )
+        optim = OptimConfig.from_options(self.hparams.optim)
         total = (
             self.trainer.max_steps
             if self.trainer.max_steps > 0
             else self.trainer.estimated_stepping_batches
         )
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: warmup_cosine(step, o["warmup_steps"], int(total), o["min_lr_ratio"]),
-        )
+        groups = self.model.optimizer_groups(optim.weight_decay)
+        optimizer, schedule = build_optimizer(groups, optim, int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

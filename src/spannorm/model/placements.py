@@ -59,36 +59,40 @@ def make_ffn(cfg: TransformerConfig) -> nn.Module:
     return MoE(cfg) if cfg.ffn == "moe" else MLP(cfg)
 
 
-def norm(cfg: TransformerConfig) -> nn.Module:
-    """One norm N* of the configured type over the model width."""
-    return make_norm(cfg.norm_type, cfg.d_model, cfg.norm_eps)
-
-
 class Block(nn.Module):
-    """Attention `attn` and feed-forward `ffn`; each placement adds its norms as named slots that
-    read like its equation (N1 is `norm1`, N1i is `norm1_in`, ...), nn.Identity where a slot is
-    empty in this block. The slots are the state-dict keys (`blocks.0.norm1.weight`)."""
+    """Attention `attn`, feed-forward `ffn` and the placement's norms in named slots that read
+    like its equation (N1 is `norm1`, N1i is `norm1_in`, ...), registered in the order of `norms`;
+    a slot in `empty` holds nn.Identity in this block. The slots are the state-dict keys
+    (`blocks.0.norm1.weight`)."""
 
-    def __init__(self, cfg: TransformerConfig, layer: int, qkv_norm: bool = False):
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        layer: int,
+        norms: tuple[str, ...] = ("norm1", "norm2"),
+        empty: tuple[str, ...] = (),
+        qkv_norm: bool = False,
+    ):
         super().__init__()
         self.layer = layer
         self.attn = CausalSelfAttention(cfg, qkv_norm=qkv_norm)
         self.ffn = make_ffn(cfg)
+        for name in norms:
+            norm = make_norm(cfg.norm_type, cfg.d_model, cfg.norm_eps)
+            self.add_module(name, nn.Identity() if name in empty else norm)
         self.register_load_state_dict_pre_hook(_rename_listed_norms)
 
 
 def _rename_listed_norms(block: Block, state_dict: dict, prefix: str, *args) -> None:
-    """Load checkpoints from before the slots had names: they kept a block's norms in a list
+    """Load checkpoints from before the slots had names: they held a block's norms in a list
     `norms`, in the order the block now registers its (non-Identity) slots, and SpanNorm's N0
     also as `input_norm`."""
     slots = [name for name, module in block.named_children() if is_norm(module)]
-    for key in [key for key in state_dict if key.startswith(prefix + "norms.")]:
-        index, _, rest = key.removeprefix(prefix + "norms.").partition(".")
-        state_dict[f"{prefix}{slots[int(index)]}.{rest}"] = state_dict.pop(key)
-    for key in [key for key in state_dict if key.startswith(prefix + "input_norm.")]:
-        state_dict[prefix + "norm0." + key.removeprefix(prefix + "input_norm.")] = state_dict.pop(
-            key
-        )
+    renames = {"input_norm.": "norm0.", **{f"norms.{i}.": f"{s}." for i, s in enumerate(slots)}}
+    for key in list(state_dict):
+        for old, new in renames.items():
+            if key.startswith(prefix + old):
+                state_dict[prefix + new + key.removeprefix(prefix + old)] = state_dict.pop(key)
 
 
 @register(
@@ -104,10 +108,6 @@ class PreNormBlock(Block):
         └── norm1 ── attn ──────┘        └── norm2 ── ffn ───────┘
     """
 
-    def __init__(self, cfg: TransformerConfig, layer: int):
-        super().__init__(cfg, layer)
-        self.norm1, self.norm2 = norm(cfg), norm(cfg)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x + self.attn(self.norm1(x))
         return h + self.ffn(self.norm2(h))
@@ -122,10 +122,6 @@ class PostNormBlock(Block):
     x ──┬───────(+)── norm1 ── h ──┬──────(+)── norm2 ── x'
         └── attn ─┘                └── ffn ─┘
     """
-
-    def __init__(self, cfg: TransformerConfig, layer: int):
-        super().__init__(cfg, layer)
-        self.norm1, self.norm2 = norm(cfg), norm(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x + self.attn(x))
@@ -157,10 +153,9 @@ class SpanNormBlock(Block):
     """
 
     def __init__(self, cfg: TransformerConfig, layer: int):
-        super().__init__(cfg, layer)
         self.variant = cfg.spannorm_variant
-        self.norm1, self.norm2 = norm(cfg), norm(cfg)
-        self.norm0 = norm(cfg) if self.variant == "block" and layer == 0 else nn.Identity()
+        has_norm0 = self.variant == "block" and layer == 0
+        super().__init__(cfg, layer, ("norm1", "norm2", "norm0"), () if has_norm0 else ("norm0",))
         self.alpha = resolve_alpha(cfg.alpha, cfg.n_layers)
         self.attn_in_sum = cfg.attn_in_sum
         self.stream_scale = 1.0 / math.sqrt(cfg.n_layers)
@@ -190,7 +185,6 @@ class DeepNormBlock(Block):
 
     def __init__(self, cfg: TransformerConfig, layer: int):
         super().__init__(cfg, layer)
-        self.norm1, self.norm2 = norm(cfg), norm(cfg)
         self.alpha = deepnorm_alpha(cfg.n_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,9 +203,7 @@ class SandwichBlock(Block):
     """
 
     def __init__(self, cfg: TransformerConfig, layer: int):
-        super().__init__(cfg, layer)
-        self.norm1_in, self.norm1_out = norm(cfg), norm(cfg)
-        self.norm2_in, self.norm2_out = norm(cfg), norm(cfg)
+        super().__init__(cfg, layer, ("norm1_in", "norm1_out", "norm2_in", "norm2_out"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x + self.norm1_out(self.attn(self.norm1_in(x)))
@@ -247,10 +239,9 @@ class HybridNormBlock(Block):
     nn.Identity)."""
 
     def __init__(self, cfg: TransformerConfig, layer: int):
-        super().__init__(cfg, layer, qkv_norm=True)
         self.star = cfg.hybridnorm_star and layer == 0
-        self.norm1 = norm(cfg) if self.star else nn.Identity()
-        self.norm2 = norm(cfg)
+        empty = () if self.star else ("norm1",)
+        super().__init__(cfg, layer, ("norm1", "norm2"), empty, qkv_norm=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.star:
@@ -274,10 +265,6 @@ class B2TBlock(Block):
         └── attn ─┘                └── ffn ────┘
     """
 
-    def __init__(self, cfg: TransformerConfig, layer: int):
-        super().__init__(cfg, layer)
-        self.norm1, self.norm2 = norm(cfg), norm(cfg)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm1(x + self.attn(x))
         return self.norm2(x + y + self.ffn(y))
@@ -298,7 +285,6 @@ class LNSBlock(Block):
 
     def __init__(self, cfg: TransformerConfig, layer: int):
         super().__init__(cfg, layer)
-        self.norm1, self.norm2 = norm(cfg), norm(cfg)
         self.scale = 1.0 / math.sqrt(layer + 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
