@@ -10,8 +10,9 @@ For k > 1 the gates sum to 1 per token, so the output scale does not depend on k
 the router is. A renormalized top-1 gate would be identically 1 and the router would learn only
 through the auxiliary loss, hence Switch's raw probability there.
 
-Each E_e is the dense MLP's function (SwiGLU or GELU, same hidden size rule); expert weights
-are batched 3-D parameters. Tokens are sorted by expert and each expert multiplies its
+Each E_e is the dense MLP's feed-forward network, from the same definition (`ffn_hidden`,
+`ffn_input_width`, `ffn_activation` in layers.py; `init_ffn` in init.py); expert weights are
+batched 3-D parameters. Tokens are sorted by expert and each expert multiplies its
 contiguous slice, so every (token, chosen expert) pair is computed and nothing else.
 
 Balancing:
