@@ -59,7 +59,7 @@ from spannorm.analysis.benchmark import (
     twin_timing,
 )
 from spannorm.callbacks.throughput import flops_per_token
-from spannorm.cli import UsageError, build_datamodule, console, friendly_errors
+from spannorm.cli import UsageError, build_datamodule, console, friendly_errors, launch
 from spannorm.model import PLACEMENTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -416,4 +416,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch(main)
