@@ -5,13 +5,18 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import REPO, run_entry, tiny_overrides
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from torch.utils.data import DataLoader
 
+from spannorm.callbacks.progress import StepProgressBar
 from spannorm.cli import UsageError, check_accelerator
+from spannorm.data import PackedBlocks
+from spannorm.lm import LanguageModel
 from spannorm.tb import read_scalars
 
 CONF = REPO / "conf"
@@ -106,19 +111,18 @@ def test_eval_rebuilds_the_run_and_matches_logged_val_loss(trained_run, tmp_path
 @pytest.mark.slow
 def test_generate_samples_text_with_and_without_cache(trained_run, tmp_path):
     run_dir, _ = trained_run
-    texts = []
-    for cache in ("true", "false"):
-        result = run_entry(
-            "generate.py",
-            f"ckpt_path={run_dir}",
-            "prompt=ROMEO:",
-            "max_new_tokens=30",
-            "temperature=0",
-            f"kv_cache={cache}",
-            f"hydra.run.dir={tmp_path}",
-        )
-        texts.append(result.stdout)
-    assert "ROMEO:" in texts[0]
+    result = run_entry(  # one process, a job for each setting
+        "generate.py",
+        "-m",
+        f"ckpt_path={run_dir}",
+        "prompt=ROMEO:",
+        "max_new_tokens=30",
+        "temperature=0",
+        "kv_cache=true,false",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    texts = re.split(r"\[[^]\n]*\]\[HYDRA\] \t#\d+ : [^\n]*\n", result.stdout)[1:]
+    assert len(texts) == 2 and "ROMEO:" in texts[0]
     assert texts[0] == texts[1]  # greedy decoding: the cache must not change the result
 
 
@@ -173,3 +177,44 @@ def test_unknown_norm_is_one_line_error(tiny_corpus, tmp_path):
     assert result.returncode == 2
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "spannorm" in lines[0] and "prenorm" in lines[0], result.stderr
+
+
+class CountValidations(L.Callback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.steps.append(trainer.global_step)
+
+
+@pytest.mark.parametrize(("max_steps", "validated_at"), [(12, [5, 10, 12]), (10, [5, 10])])
+def test_runs_end_with_one_validation_at_their_last_step_and_the_bar_counts_steps(
+    max_steps, validated_at, tmp_path
+):
+    """Validation every 5 steps; the last step validates too, once even where it is a multiple
+    of 5. The progress bar counts steps over the whole run (8 batches an epoch), not per epoch."""
+    tokens = torch.arange(8 * 8 * 8 + 1) % 50
+    blocks = PackedBlocks(tokens.numpy().astype("uint16"), seq_len=8)  # 64 blocks: 8 batches
+    counter, bar = CountValidations(), StepProgressBar()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        val_check_interval=5,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        logger=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[counter, bar],
+    )
+    lm = LanguageModel(vocab_size=50, d_model=16, n_layers=1, n_heads=2, max_seq_len=8)
+    loader = DataLoader(blocks, batch_size=8)
+    trainer.fit(lm, train_dataloaders=loader, val_dataloaders=loader)
+    assert counter.steps == validated_at
+    assert trainer.callback_metrics["val/loss"] > 0
+    task = bar.train_progress_bar
+    assert (task.completed, task.total) == (max_steps, max_steps)
+    assert "Epoch" not in task.description and "-2" not in task.description
