@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from spannorm.checkpointing import (
     AtomicCheckpointIO,
     LastCheckpoint,
+    replace_path,
     resolve_checkpoint,
     verify_checkpoint,
 )
@@ -191,6 +192,17 @@ def test_atomic_save_keeps_the_previous_checkpoint_on_failure(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
 
 
+def test_a_published_sharded_checkpoint_folder_replaces_the_old_one(tmp_path):
+    old, new = tmp_path / "last.ckpt", tmp_path / ".last.ckpt.pending"
+    old.mkdir()
+    (old / "__0_0.distcp").write_text("step 10")
+    new.mkdir()
+    (new / "__0_0.distcp").write_text("step 20")
+    replace_path(new, old)
+    assert (old / "__0_0.distcp").read_text() == "step 20"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
 # ---- the training order resumes in mid-epoch
 
 
@@ -339,7 +351,8 @@ def interrupted_and_reference(tiny_corpus, tmp_path_factory) -> dict:
     wait_until(last.exists, stopped)
     stopped.send_signal(signal.SIGTERM)
     sigterm_out = stopped.communicate(timeout=300)[0]
-    assert reference.wait(timeout=300) == 0, reference.stdout.read()
+    reference_out = reference.communicate(timeout=300)[0]
+    assert reference.returncode == 0, reference_out
     train_cache = next((data_dir / "cache").glob("tokens-*-train.npy"))
     train_cache.write_bytes(train_cache.read_bytes()[:1000])  # a damaged token cache
 
