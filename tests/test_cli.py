@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, run_entry, tiny_overrides
+from conftest import REPO, optim_options, run_entry, tiny_overrides
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
@@ -210,7 +210,9 @@ def test_runs_end_with_one_validation_at_their_last_step_and_the_bar_counts_step
         default_root_dir=tmp_path,
         callbacks=[counter, bar],
     )
-    lm = LanguageModel(vocab_size=50, d_model=16, n_layers=1, n_heads=2, max_seq_len=8)
+    lm = LanguageModel(
+        optim=optim_options(), vocab_size=50, d_model=16, n_layers=1, n_heads=2, max_seq_len=8
+    )
     loader = DataLoader(blocks, batch_size=8)
     trainer.fit(lm, train_dataloaders=loader, val_dataloaders=loader)
     assert counter.steps == validated_at
