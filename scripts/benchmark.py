@@ -4,7 +4,7 @@
     runs it (a fresh process; the default callbacks, logging and TensorBoard logger) for
     warmup_steps + timed_steps steps with a `StepClock`, which interleaves a bare-loop twin: a copy
     of the model at the same initial weights on its own pass over the same DataLoader, with the
-    LanguageModel's own setup, loss, optimizer and schedule and the trainer's clipping, running
+    LanguageModel's own loss, optimizer and schedule and the trainer's clipping, running
     `bench.twin_every` steps after every `bench.twin_every` train.py steps. So both see the same
     process and the same load, which on a shared machine drifts by more than the difference
     sought. train.py's clock: from the end of one step to the end of the next, with the twin's
@@ -12,7 +12,7 @@
     Reported: tokens/s of both and their ratio per round; medians over rounds, each ratio with
     an interval (`median_interval`). `bench.variants` adds train.py runs with more overrides;
     `bench.malloc_ab` adds the bare loop alone in fresh processes, with and without
-    LanguageModel.setup (its malloc setting).
+    train.py's malloc setting (`keep_freed_memory`).
 (b) fwd+bwd+optimizer step time of every placement against prenorm, interleaved on batches held in
     memory: the median over rounds of (median step of the placement / prenorm's, same round).
 (c) the data path built from nothing in a temporary data_dir, stage by stage, and loaded from the
@@ -59,7 +59,7 @@ from spannorm.analysis.benchmark import (
     twin_timing,
 )
 from spannorm.callbacks.throughput import flops_per_token
-from spannorm.cli import UsageError, build_datamodule, console, friendly_errors
+from spannorm.cli import UsageError, build_datamodule, console, friendly_errors, launch
 from spannorm.model import PLACEMENTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -416,4 +416,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch(main)

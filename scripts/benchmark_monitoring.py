@@ -34,7 +34,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from spannorm.cli import build_datamodule
+from spannorm.cli import build_datamodule, register_resolvers
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CLOCKS = {"wall": time.perf_counter, "process CPU": time.process_time}
@@ -107,7 +107,7 @@ def report(times: dict[str, list[dict]], clock: str) -> str:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    import spannorm.cli  # noqa: F401  (registers the config resolvers)
+    register_resolvers()
 
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         with tempfile.TemporaryDirectory() as tmp:

@@ -51,7 +51,9 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-import spannorm.cli  # noqa: F401  (registers the config resolvers)
+from spannorm.cli import register_resolvers
+
+register_resolvers()
 
 with initialize_config_dir(version_base="1.3", config_dir=str(Path("conf").resolve())):
     instantiate(compose("train").data).prepare_data()
@@ -146,7 +148,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import spannorm.cli  # noqa: F401  (registers the config resolvers)
+from spannorm.cli import register_resolvers
+
+register_resolvers()
 from spannorm.callbacks.throughput import matmul_params
 from spannorm.tb import read_scalars
 

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from spannorm import TransformerConfig, TransformerLM
 from spannorm.analysis import measure_signal, summarize_signal
-from spannorm.cli import build_datamodule, console, friendly_errors  # + the config's resolvers
+from spannorm.cli import build_datamodule, console, friendly_errors, launch
 
 METRICS = {  # CSV column -> (figure title, log y)
     "rms": ("stream RMS  sqrt(mean(x_l^2))", False),
@@ -152,4 +152,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch(main)

@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from spannorm.cli import register_resolvers
+
 REPO = Path(__file__).resolve().parents[1]
+register_resolvers()  # the configs' ${run_id:} and ${tokenizer_vocab:...}, for compose()
 
 
 def write_corpus(path: Path, n_paragraphs: int, seed: int) -> Path:

@@ -19,8 +19,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-import spannorm.cli  # noqa: F401  (registers the config resolvers)
+from spannorm.cli import register_resolvers
 from spannorm.lm import LanguageModel
+
+register_resolvers()
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

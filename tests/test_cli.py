@@ -5,19 +5,24 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import lightning as L
 import pytest
-from conftest import REPO, run_entry, tiny_overrides
+import torch
+from conftest import REPO, optim_options, run_entry, tiny_overrides
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from torch.utils.data import DataLoader
 
+from spannorm.callbacks.progress import StepProgressBar
+from spannorm.cli import UsageError, check_accelerator
+from spannorm.data import PackedBlocks
+from spannorm.lm import LanguageModel
 from spannorm.tb import read_scalars
 
 CONF = REPO / "conf"
 
 
 def compose_train(overrides: list[str]):
-    import spannorm.cli  # noqa: F401  (registers the config resolvers)
-
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         return compose("train", overrides=overrides)
 
@@ -37,9 +42,6 @@ def test_every_config_group_composes_and_instantiates(tiny_corpus, tmp_path):
         extra += ["data.hub_name=some/dataset"] if data == "hub" else []
         cfg = compose_train([*base, f"data={data}", *extra])
         assert instantiate(cfg.data).__class__.__name__ == "TextDataModule"
-    for trainer in group_options("trainer"):
-        cfg = compose_train([*base, f"trainer={trainer}"])
-        assert cfg.trainer._target_
     cfg = compose_train(base)
     assert type(instantiate(cfg.model)).__name__ == "LanguageModel"
     assert instantiate(cfg.logger).log_dir
@@ -48,18 +50,45 @@ def test_every_config_group_composes_and_instantiates(tiny_corpus, tmp_path):
         assert compose_train([*base, f"experiment={experiment}"]).model.n_layers > 0
 
 
+@pytest.mark.parametrize("trainer", group_options("trainer"))
+def test_every_trainer_config_instantiates_on_cpu(trainer, tmp_path):
+    """Each trainer config builds a Trainer here; those asking for a GPU on a machine without one
+    fail first with a one-line UsageError saying so."""
+    cfg = compose_train([f"run_dir={tmp_path}", f"trainer={trainer}"])
+    if cfg.trainer.accelerator != "cpu" and not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="needs a CUDA GPU and none was found.*trainer=cpu"):
+            check_accelerator(cfg.trainer.accelerator)
+        cfg = compose_train(
+            [f"run_dir={tmp_path}", f"trainer={trainer}", "trainer.accelerator=cpu"]
+        )
+        cfg.trainer.precision = "32-true"  # bf16-mixed is a GPU setting
+    check_accelerator(cfg.trainer.accelerator)
+    built = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
+    assert built.max_steps == cfg.trainer.max_steps and built.num_devices == cfg.trainer.devices
+    assert type(built.strategy).__name__ == {
+        "ddp": "DDPStrategy",
+        "fsdp": "ModelParallelStrategy",
+    }.get(trainer, "SingleDeviceStrategy")
+
+
 @pytest.fixture(scope="module")
 def trained_run(tiny_corpus, tmp_path_factory) -> tuple[Path, str]:
+    """A run shorter than its validation interval: it still ends with a validation."""
     run_dir = tmp_path_factory.mktemp("run")
-    result = run_entry("train.py", *tiny_overrides(tiny_corpus), f"hydra.run.dir={run_dir}")
+    overrides = tiny_overrides(
+        tiny_corpus, "trainer.max_steps=40", "trainer.val_check_interval=100"
+    )
+    result = run_entry("train.py", *overrides, f"hydra.run.dir={run_dir}")
     return run_dir, result.stdout
 
 
+@pytest.mark.slow
 def test_train_logs_scalars_learns_and_reports(trained_run):
     run_dir, stdout = trained_run
     scalars = read_scalars(run_dir)
     for tag in ("train/loss", "val/loss", "val/ppl", "train/lr", "train/grad_norm"):
         assert scalars.get(tag), f"{tag} missing from the event file: {sorted(scalars)}"
+    assert [step for step, _ in scalars["val/loss"]] == [scalars["train/loss"][-1][0]]  # the last
     losses = [v for _, v in scalars["train/loss"]]
     assert losses[-1] < losses[0] - 0.5, losses
     assert "unigram baseline" in stdout and "learned beyond unigram" in stdout
@@ -67,6 +96,7 @@ def test_train_logs_scalars_learns_and_reports(trained_run):
     assert str(run_dir) in stdout
 
 
+@pytest.mark.slow
 def test_eval_rebuilds_the_run_and_matches_logged_val_loss(trained_run, tmp_path):
     run_dir, _ = trained_run
     logged = read_scalars(run_dir)["val/loss"][-1][1]
@@ -78,24 +108,25 @@ def test_eval_rebuilds_the_run_and_matches_logged_val_loss(trained_run, tmp_path
     assert reported == pytest.approx(logged, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_generate_samples_text_with_and_without_cache(trained_run, tmp_path):
     run_dir, _ = trained_run
-    texts = []
-    for cache in ("true", "false"):
-        result = run_entry(
-            "generate.py",
-            f"ckpt_path={run_dir}",
-            "prompt=ROMEO:",
-            "max_new_tokens=30",
-            "temperature=0",
-            f"kv_cache={cache}",
-            f"hydra.run.dir={tmp_path}",
-        )
-        texts.append(result.stdout)
-    assert "ROMEO:" in texts[0]
+    result = run_entry(  # one process, a job for each setting
+        "generate.py",
+        "-m",
+        f"ckpt_path={run_dir}",
+        "prompt=ROMEO:",
+        "max_new_tokens=30",
+        "temperature=0",
+        "kv_cache=true,false",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    texts = re.split(r"\[[^]\n]*\]\[HYDRA\] \t#\d+ : [^\n]*\n", result.stdout)[1:]
+    assert len(texts) == 2 and "ROMEO:" in texts[0]
     assert texts[0] == texts[1]  # greedy decoding: the cache must not change the result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]])
 def test_multirun_writes_separate_run_dirs(tiny_corpus, tmp_path, launcher):
     """Jobs one after another (Hydra's basic launcher) or in parallel processes (joblib)."""
@@ -115,6 +146,7 @@ def test_multirun_writes_separate_run_dirs(tiny_corpus, tmp_path, launcher):
         assert read_scalars(job)["val/loss"]
 
 
+@pytest.mark.slow
 def test_a_diverged_job_does_not_end_its_sweep(tiny_corpus, tmp_path):
     """lr 1e30 without clipping turns the loss NaN at the second step: that job reports it, the
     next job still runs, and the sweep exits 0."""
@@ -133,6 +165,7 @@ def test_a_diverged_job_does_not_end_its_sweep(tiny_corpus, tmp_path):
     assert read_scalars(tmp_path / "1")["val/loss"]
 
 
+@pytest.mark.slow
 def test_unknown_norm_is_one_line_error(tiny_corpus, tmp_path):
     result = run_entry(
         "train.py",
@@ -144,3 +177,46 @@ def test_unknown_norm_is_one_line_error(tiny_corpus, tmp_path):
     assert result.returncode == 2
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "spannorm" in lines[0] and "prenorm" in lines[0], result.stderr
+
+
+class CountValidations(L.Callback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.steps.append(trainer.global_step)
+
+
+@pytest.mark.parametrize(("max_steps", "validated_at"), [(12, [5, 10, 12]), (10, [5, 10])])
+def test_runs_end_with_one_validation_at_their_last_step_and_the_bar_counts_steps(
+    max_steps, validated_at, tmp_path
+):
+    """Validation every 5 steps; the last step validates too, once even where it is a multiple
+    of 5. The progress bar counts steps over the whole run (8 batches an epoch), not per epoch."""
+    tokens = torch.arange(8 * 8 * 8 + 1) % 50
+    blocks = PackedBlocks(tokens.numpy().astype("uint16"), seq_len=8)  # 64 blocks: 8 batches
+    counter, bar = CountValidations(), StepProgressBar()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        val_check_interval=5,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        logger=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[counter, bar],
+    )
+    lm = LanguageModel(
+        optim=optim_options(), vocab_size=50, d_model=16, n_layers=1, n_heads=2, max_seq_len=8
+    )
+    loader = DataLoader(blocks, batch_size=8)
+    trainer.fit(lm, train_dataloaders=loader, val_dataloaders=loader)
+    assert counter.steps == validated_at
+    assert trainer.callback_metrics["val/loss"] > 0
+    task = bar.train_progress_bar
+    assert (task.completed, task.total) == (max_steps, max_steps)
+    assert "Epoch" not in task.description and "-2" not in task.description

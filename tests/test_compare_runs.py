@@ -36,6 +36,7 @@ def sweep(tiny_corpus, tmp_path_factory):
     return sweep_dir
 
 
+@pytest.mark.slow
 def test_compare_a_multirun_writes_the_table_and_the_plots(sweep, tmp_path):
     out = tmp_path / "report"
     result = run_entry("scripts/compare_runs.py", str(sweep), "--out", str(out))
@@ -52,6 +53,7 @@ def test_compare_a_multirun_writes_the_table_and_the_plots(sweep, tmp_path):
             assert image.read(8) == PNG_SIGNATURE
 
 
+@pytest.mark.slow
 def test_compare_a_list_of_run_dirs_and_bad_input(sweep):
     report_file, *_ = compare([sweep / "0", sweep / "1"], group_by="model.norm")
     assert report_file == sweep / "compare" / "runs.md"
@@ -64,6 +66,7 @@ def test_compare_a_list_of_run_dirs_and_bad_input(sweep):
         compare([sweep / "compare"], group_by="model.norm")
 
 
+@pytest.mark.slow
 def test_group_by_several_keys(sweep):
     report_file, *_ = compare([sweep], group_by="model.norm,model.n_layers")
     assert "| prenorm / 2 | 1 | 0 | 0 |" in report_file.read_text()

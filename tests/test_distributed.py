@@ -14,8 +14,8 @@ import torch
 from distributed_driver import MAX_STEPS, MODEL, RESUME_CHECKPOINT
 from torch.testing import assert_close
 
+from spannorm.checkpointing import consolidate_checkpoint
 from spannorm.lm import LanguageModel
-from spannorm.parallel import consolidate_checkpoint
 
 DRIVER = Path(__file__).with_name("distributed_driver.py")
 STRATEGIES = ("ddp", "fsdp")
@@ -48,23 +48,27 @@ def assert_same_training(expected: dict, actual: dict) -> None:
     assert actual["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_two_processes_train_like_one_with_the_global_batch(runs, strategy):
     assert_same_training(result(runs, "reference"), result(runs, strategy))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_the_comparison_fails_when_every_rank_reads_the_same_data(runs, strategy):
     with pytest.raises(AssertionError):
         assert_same_training(result(runs, "reference"), result(runs, f"{strategy}_same_data"))
 
 
+@pytest.mark.slow
 def test_fsdp_resumes_from_a_sharded_checkpoint_as_if_uninterrupted(runs):
     checkpoint = runs / "checkpoints" / RESUME_CHECKPOINT
     assert len(list(checkpoint.glob("*.distcp"))) == 2, "expected one shard per process"
     assert_same_training(result(runs, "fsdp"), result(runs, "fsdp_resumed"))
 
 
+@pytest.mark.slow
 def test_a_consolidated_fsdp_checkpoint_loads_into_a_plain_model(runs):
     final = runs / "checkpoints" / f"step={MAX_STEPS}.ckpt"
     lm = LanguageModel.load_from_checkpoint(consolidate_checkpoint(final))

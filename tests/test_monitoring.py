@@ -140,6 +140,7 @@ def monitored_run(tiny_corpus, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_cli_run_logs_every_namespace_an_image_and_hparams(monitored_run):
     scalars = read_scalars(monitored_run)
     for namespace in ("train/", "val/", "throughput/", "layers/"):

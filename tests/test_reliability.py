@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -19,11 +20,13 @@ from conftest import REPO, optim_options, run_entry, tiny_overrides
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from spannorm.checkpointing import (
     AtomicCheckpointIO,
     LastCheckpoint,
+    replace_path,
     resolve_checkpoint,
     verify_checkpoint,
 )
@@ -64,6 +67,11 @@ def fail_fast(overrides: list[str], capsys, config: str = "train", main=train) -
         (["data.validation_files={empty}"], ["data.validation_files", "is empty"]),
         (["resume=/nonexistent/run"], ["resume='/nonexistent/run'", "does not exist"]),
         (["resume={empty}"], ["resume=", "not a readable checkpoint"]),
+        pytest.param(
+            ["trainer=gpu"],
+            ["trainer.accelerator='gpu' needs a CUDA GPU and none was found", "trainer=cpu"],
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here"),
+        ),
     ],
 )
 def test_bad_options_fail_fast_in_one_line(bad, expected, tiny_corpus, tmp_path, capsys):
@@ -77,6 +85,7 @@ def test_bad_options_fail_fast_in_one_line(bad, expected, tiny_corpus, tmp_path,
     assert not data_dir.exists()  # failed before building any data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", ["data", "trainer"])
 def test_unknown_config_group_option_is_one_line(group, tmp_path):
     result = run_entry("train.py", f"{group}=nope", f"hydra.run.dir={tmp_path}", check=False)
@@ -89,6 +98,63 @@ def test_unknown_config_group_option_is_one_line(group, tmp_path):
 def test_missing_mandatory_option_is_one_line(capsys):
     line = fail_fast([], capsys, config="eval", main=evaluate)
     assert line == "error: Missing mandatory value: ckpt_path"
+
+
+def buggy_main(cfg):
+    return {}["key"]  # a KeyError outside any input check: a bug, not bad input
+
+
+def test_an_unexpected_error_is_one_line_plus_the_file_with_its_traceback(tmp_path, capsys):
+    log = tmp_path / "train.log"  # what Hydra's file handler writes in a run dir
+    handler = logging.FileHandler(log)
+    logging.getLogger().addHandler(handler)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            friendly_errors(buggy_main)(OmegaConf.create({"debug": False}))
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: KeyError: 'key'",
+        f"unexpected error (not a checked input): full traceback in {log}; "
+        "debug=true shows it here",
+    ]
+    assert "Traceback" in log.read_text() and "in buggy_main" in log.read_text()
+    with pytest.raises(KeyError):  # debug=true: the traceback on screen
+        friendly_errors(buggy_main)(OmegaConf.create({"debug": True}))
+
+
+def test_without_a_log_file_the_traceback_goes_to_a_temporary_file(capsys):
+    with pytest.raises(SystemExit):
+        friendly_errors(buggy_main)(OmegaConf.create({"debug": False}))
+    written = Path(re.search(r"full traceback in (.+); ", capsys.readouterr().err).group(1))
+    assert "in buggy_main" in written.read_text()
+    written.unlink()
+
+
+@pytest.mark.slow
+def test_a_bug_inside_training_is_not_reported_as_bad_input(tiny_corpus, tmp_path):
+    path = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"], saved = path, os.environ.get("PYTHONPATH")
+    try:
+        result = run_entry(
+            "train.py",
+            *tiny_overrides(tiny_corpus),
+            "+callbacks.crash._target_=crash.FailAtTrainStart",
+            f"hydra.run.dir={tmp_path}",
+            check=False,
+        )
+    finally:
+        os.environ.pop("PYTHONPATH") if saved is None else os.environ.update(PYTHONPATH=saved)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-2:] == [
+        "error: ValueError: a bug deep inside training",
+        f"unexpected error (not a checked input): full traceback in {tmp_path / 'train.log'}; "
+        "debug=true shows it here",
+    ]
+    log = (tmp_path / "train.log").read_text()
+    assert "Traceback" in log and "crash.py" in log and "a bug deep inside training" in log
 
 
 def test_damaged_checkpoints_are_rejected(tmp_path):
@@ -124,6 +190,17 @@ def test_atomic_save_keeps_the_previous_checkpoint_on_failure(tmp_path):
         io.save_checkpoint({"step": 2, "unpicklable": lambda: None}, path)
     assert torch.load(path)["step"] == 1
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_a_published_sharded_checkpoint_folder_replaces_the_old_one(tmp_path):
+    old, new = tmp_path / "last.ckpt", tmp_path / ".last.ckpt.pending"
+    old.mkdir()
+    (old / "__0_0.distcp").write_text("step 10")
+    new.mkdir()
+    (new / "__0_0.distcp").write_text("step 20")
+    replace_path(new, old)
+    assert (old / "__0_0.distcp").read_text() == "step 20"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
 # ---- the training order resumes in mid-epoch
@@ -225,8 +302,7 @@ def test_second_sigint_aborts_without_saving(tmp_path):
 # ---- a real run stopped by SIGTERM, killed by SIGKILL, resumed: the same curves
 
 
-def identity(path: Path) -> tuple[int, int] | None:
-    return (path.stat().st_ino, path.stat().st_mtime_ns) if path.exists() else None
+CRASH = "+callbacks.crash._target_=crash.KillAfterCheckpoint"
 
 
 def wait_until(condition, process: subprocess.Popen) -> None:
@@ -255,7 +331,9 @@ def interrupted_and_reference(tiny_corpus, tmp_path_factory) -> dict:
         "callbacks.progress=null",
         "checkpoint_every_n_steps=10",
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # tests/ on the path: the killed run loads `crash.KillAfterCheckpoint` as a callback
+    path = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
     def start(*args: str) -> subprocess.Popen:
         command = [sys.executable, str(REPO / "train.py"), *overrides, *args]
@@ -273,15 +351,15 @@ def interrupted_and_reference(tiny_corpus, tmp_path_factory) -> dict:
     wait_until(last.exists, stopped)
     stopped.send_signal(signal.SIGTERM)
     sigterm_out = stopped.communicate(timeout=300)[0]
-    assert reference.wait(timeout=300) == 0, reference.stdout.read()
+    reference_out = reference.communicate(timeout=300)[0]
+    assert reference.returncode == 0, reference_out
     train_cache = next((data_dir / "cache").glob("tokens-*-train.npy"))
     train_cache.write_bytes(train_cache.read_bytes()[:1000])  # a damaged token cache
 
-    killed = start(f"hydra.run.dir={run_dir}", "resume=auto")
-    stopped_at = identity(last)
-    wait_until(lambda: identity(last) != stopped_at, killed)  # its first checkpoint
-    killed.kill()
-    killed_out = killed.communicate(timeout=60)[0]
+    # SIGKILLed by itself the moment its first checkpoint is on disk: the worst time to crash
+    killed = start(f"hydra.run.dir={run_dir}", "resume=auto", CRASH)
+    killed_out = killed.communicate(timeout=300)[0]
+    assert killed.returncode == -signal.SIGKILL, killed_out
     finished = start(f"hydra.run.dir={run_dir}", f"resume={run_dir}")
     finished_out = finished.communicate(timeout=300)[0]
     assert finished.returncode == 0, finished_out
@@ -294,6 +372,7 @@ def interrupted_and_reference(tiny_corpus, tmp_path_factory) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_runs_started_together_get_their_own_directories(interrupted_and_reference):
     first, second = interrupted_and_reference["run_dirs"]
     name = re.compile(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_(\d+-[0-9a-f]{4})")  # <now>_<pid>-<random>
@@ -302,6 +381,7 @@ def test_runs_started_together_get_their_own_directories(interrupted_and_referen
     assert (second / ".hydra" / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_reports_how_to_continue(interrupted_and_reference):
     returncode, output = interrupted_and_reference["sigterm"]
     assert returncode == 128 + signal.SIGTERM, output
@@ -310,6 +390,7 @@ def test_sigterm_saves_and_reports_how_to_continue(interrupted_and_reference):
     assert f"hydra.run.dir={interrupted_and_reference['resumed']} resume=auto" in output
 
 
+@pytest.mark.slow
 def test_resumed_runs_match_the_uninterrupted_one(interrupted_and_reference):
     reference = read_scalars(interrupted_and_reference["reference"])
     resumed = read_scalars(interrupted_and_reference["resumed"])
@@ -321,13 +402,16 @@ def test_resumed_runs_match_the_uninterrupted_one(interrupted_and_reference):
         assert sorted(logged) == sorted(expected), tag
         for step, values in logged.items():
             assert values == pytest.approx([expected[step]] * len(values), rel=1e-5), (tag, step)
-    assert len(reference["val/loss"]) == 2  # at steps 25 and 50
+    # at steps 25 and 50 (val_check_interval), and 60, the last
+    assert [step for step, _ in reference["val/loss"]] == [24, 49, 59]
 
 
+@pytest.mark.slow
 def test_damaged_token_cache_is_rebuilt_by_the_cli(interrupted_and_reference):
     assert "tokenized the train split" in interrupted_and_reference["killed_out"]
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_is_a_one_line_error(interrupted_and_reference, tmp_path, capsys):
     damaged = tmp_path / "last.ckpt"
     intact = interrupted_and_reference["resumed"] / "checkpoints" / "last.ckpt"

@@ -1,22 +1,26 @@
 """Checkpoints that survive interruption: atomic writes, a `last.ckpt` kept ready to resume from
-(every N steps, at the end of training, and when SIGTERM or SIGINT stops the run), and finding and
-verifying the checkpoint to resume from or to load."""
+(every N steps, at the end of training, and when SIGTERM or SIGINT stops the run), finding and
+verifying the checkpoint to resume from or to load, and consolidating a sharded one into one file
+(`python -m spannorm.checkpointing <folder>`)."""
 
 from __future__ import annotations
 
 import functools
 import os
+import shutil
 import signal
+import sys
 import threading
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from spannorm.data.tokenizer import atomic_output
+from spannorm.files import atomic_output
 
 # A sharded checkpoint is a folder: one file per process beside this one of the trainer's state.
 SHARDED_METADATA = "meta.pt"
@@ -52,6 +56,11 @@ class LastCheckpoint(L.Callback):
     run. A stop signal ends the run after the current step, or after the validation in progress;
     Lightning then raises `SIGTERMException`. A second SIGINT interrupts at once, without saving.
 
+    A checkpoint never claims steps whose logged values are not on disk: every logger is flushed
+    before any checkpoint of the run is written (ModelCheckpoint's too), and a periodic checkpoint,
+    which Lightning takes before it logs that step's metrics, is written to a hidden file first and
+    renamed to `last.ckpt` only at the next hook, once those metrics are logged and flushed.
+
     `stop_signal` is the signal that stopped the run; `saved` and `saved_step` are the last
     checkpoint this callback wrote and its step. A validation cut short by a signal arriving just
     before it is not saved (resuming would skip it): the previous checkpoint stays the last.
@@ -66,6 +75,7 @@ class LastCheckpoint(L.Callback):
         self.stop_signal: signal.Signals | None = None
         self.saved: str | None = None
         self.saved_step: int | None = None
+        self._pending: tuple[Path, Path, int] | None = None  # (written, to publish as, step)
         self._stop_after_validation = False
         self._lightning_stop = None
         self._previous_handlers: dict[signal.Signals, Any] = {}
@@ -84,6 +94,7 @@ class LastCheckpoint(L.Callback):
     def _on_stop_signal(self, trainer: L.Trainer, signum: int, frame: Any) -> None:
         if self.stop_signal is not None:
             if signum == signal.SIGINT:
+                flush_loggers(trainer)
                 raise KeyboardInterrupt  # a second Ctrl+C: stop now, without a checkpoint
             return
         self.stop_signal = signal.Signals(signum)
@@ -97,21 +108,36 @@ class LastCheckpoint(L.Callback):
             self._stop_after_validation = False
             self._lightning_stop(signal.SIGTERM, None)
 
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        flush_loggers(trainer)  # called by Lightning before it writes any checkpoint
+
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         step = trainer.global_step
         if self.every_n_train_steps and step % self.every_n_train_steps == 0:
-            self._save(trainer)
+            self._save(trainer, publish=False)
+
+    # the first hooks after Lightning has logged the metrics of the step a pending checkpoint holds
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._publish(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._publish(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._publish(trainer)
         self._save(trainer)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         self._restore_handlers()
+        self._publish(trainer)
         stopped_between_steps = not (trainer.validating or trainer.sanity_checking)
         if isinstance(exception, SIGTERMException) and stopped_between_steps:
             self._save(trainer)
+        flush_loggers(trainer)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_handlers()
@@ -121,15 +147,49 @@ class LastCheckpoint(L.Callback):
             signal.signal(signum, handler)
         self._previous_handlers.clear()
 
-    def _save(self, trainer: L.Trainer) -> None:
+    def _save(self, trainer: L.Trainer, publish: bool = True) -> None:
         checkpoint = trainer.checkpoint_callback
         if checkpoint is None or self.saved_step == trainer.global_step:
             return
-        path = checkpoint.format_checkpoint_name({}, checkpoint.CHECKPOINT_NAME_LAST)
+        path = Path(checkpoint.format_checkpoint_name({}, checkpoint.CHECKPOINT_NAME_LAST))
+        written = path if publish else path.with_name(f".{path.name}.pending")
+        trainer.save_checkpoint(written, weights_only=False)
+        self._pending = (written, path, trainer.global_step)
+        if publish:
+            self._publish(trainer)
+
+    def _publish(self, trainer: L.Trainer) -> None:
+        """Rename the pending checkpoint to its name, after flushing the logs it vouches for."""
+        if self._pending is None:
+            return
+        written, path, step = self._pending
+        self._pending = None
+        flush_loggers(trainer)
+        if written != path and trainer.is_global_zero:
+            replace_path(written, path)  # every rank's shard is written: saving ends in a barrier
         # so that ModelCheckpoint replaces this file next, instead of writing a last-v1.ckpt
-        checkpoint.last_model_path = path
-        trainer.save_checkpoint(path, weights_only=False)
-        self.saved, self.saved_step = path, trainer.global_step
+        trainer.checkpoint_callback.last_model_path = str(path)
+        self.saved, self.saved_step = str(path), step
+
+
+def flush_loggers(trainer: L.Trainer) -> None:
+    """Write what every logger of `trainer` holds in memory (TensorBoard's queue) to disk."""
+    for logger in trainer.loggers:
+        logger.save()
+
+
+def replace_path(source: Path, target: Path) -> None:
+    """Rename `source` over `target`: atomic for a file; for the folder of a sharded checkpoint
+    the old folder is moved aside first and removed after."""
+    if source.is_dir() and target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(source, target)
+    _fsync(target.parent)
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -182,3 +242,27 @@ def resolve_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
         path = newest
     verify_checkpoint(path, key)
     return path
+
+
+def consolidate_checkpoint(folder: str | os.PathLike) -> Path:
+    """Write the weights and training metadata of a sharded checkpoint folder (what
+    `ModelParallelStrategy` saves) to `<name>.consolidated.ckpt` beside it: one file that
+    `LanguageModel.load_from_checkpoint`, eval.py and generate.py read. Optimizer state is left
+    out (it is keyed by parameter name there, by position in a plain checkpoint)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    folder = Path(folder)
+    metadata = folder / SHARDED_METADATA  # Lightning's file of everything but the sharded tensors
+    if not metadata.is_file():
+        raise FileNotFoundError(f"{folder} is not a sharded Lightning checkpoint (no meta.pt)")
+    output = folder.with_suffix(".consolidated.ckpt")
+    dcp_to_torch_save(folder, output)
+    weights = torch.load(output, map_location="cpu")["state_dict"]
+    torch.save({**torch.load(metadata, map_location="cpu"), "state_dict": weights}, output)
+    return output
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m spannorm.checkpointing <sharded checkpoint folder>")
+    print(consolidate_checkpoint(sys.argv[1]))

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import logging
 import math
 import os
 import secrets
 import shlex
 import signal
 import sys
-from collections.abc import Callable
+import tempfile
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -27,63 +32,124 @@ console = Console(highlight=False, soft_wrap=True)
 
 # One id per process: with `now`, it keeps two runs (or sweeps) started in the same second apart.
 RUN_ID = f"{os.getpid()}-{secrets.token_hex(2)}"
-TOKENIZER_VOCAB = {"byte": 257}
+# An error of these types raised while the input is checked (`checking_input`) is bad input.
+INPUT_ERRORS = (
+    ValueError,
+    TypeError,
+    KeyError,
+    FileNotFoundError,
+    InstantiationException,
+    MissingMandatoryValue,
+)
+
+
+def _tokenizer_vocab(kind: str, size: int) -> int:
+    from spannorm.data.tokenizer import ByteTokenizer
+
+    return ByteTokenizer.vocab_size if kind == "byte" else size
 
 
 def register_resolvers() -> None:
+    """The config's own interpolations, `${run_id:}` and `${tokenizer_vocab:...}`: call before
+    composing a config (`launch` does)."""
     resolvers = {
         "run_id": lambda: RUN_ID,
         # the model's vocab follows the tokenizer: fixed for `byte`, configured for `bpe`
-        "tokenizer_vocab": lambda kind, size: TOKENIZER_VOCAB.get(kind, size),
+        "tokenizer_vocab": _tokenizer_vocab,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 
 
-register_resolvers()
-
-
 class UsageError(Exception):
     """Bad input from the user: reported as one line, exit status 2."""
 
 
+@contextmanager
+def checking_input(*error_types: type[BaseException]) -> Iterator[None]:
+    """Run a block that only reads and checks the user's input (the config, the data files, the
+    checkpoint named): an error of `INPUT_ERRORS` or `error_types` raised in it is bad input and
+    leaves as a one-line UsageError. The same error raised anywhere else is a bug."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except (*INPUT_ERRORS, *error_types) as error:
+        while isinstance(error, InstantiationException) and error.__cause__ is not None:
+            error = error.__cause__  # Hydra wraps the constructor's own error
+        raise UsageError(_first_line(error)) from error
+
+
+def _first_line(error: BaseException) -> str:
+    message = str(error.args[0]) if error.args else repr(error)
+    return message.strip().splitlines()[0] if message.strip() else type(error).__name__
+
+
 def friendly_errors(main):
-    """Turn bad-input exceptions into `error: <message>` and exit 2 (a diverged run: exit 3;
-    within a multirun, a diverged job is reported and the sweep goes on); `debug=true` re-raises."""
+    """Report what a run raises without a traceback on screen (`debug=true` re-raises):
+    - bad input (`UsageError`, a missing mandatory option): `error: <message>`, exit status 2;
+    - a diverged run: its `error:` line, exit 3 (within a multirun the sweep goes on);
+    - anything else is unexpected: `error: <type>: <message>` and the file holding its full
+      traceback (the run's log), exit status 1."""
 
     @functools.wraps(main)
     def wrapper(cfg: DictConfig):
         try:
             return main(cfg)
-        except (
-            UsageError,
-            ValueError,
-            FileNotFoundError,
-            KeyError,
-            InstantiationException,
-            MissingMandatoryValue,
-            TrainingDiverged,
-        ) as error:
+        except (UsageError, MissingMandatoryValue, TrainingDiverged) as error:
             if cfg.get("debug", False):
                 raise
-            while isinstance(error, InstantiationException) and error.__cause__ is not None:
-                error = error.__cause__  # Hydra wraps the constructor's own error
-            message = str(error.args[0]) if error.args else repr(error)
-            print(f"error: {message.splitlines()[0]}", file=sys.stderr)  # omegaconf appends details
+            print(f"error: {_first_line(error)}", file=sys.stderr)  # omegaconf appends details
             if not isinstance(error, TrainingDiverged):
                 sys.exit(2)
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
                 return math.nan  # a diverged run is a result of the sweep, not a reason to stop it
             sys.exit(3)
+        except Exception as error:
+            if cfg.get("debug", False):
+                raise
+            written = write_traceback(error)
+            message = (str(error).strip() or "(no message)").splitlines()[0]
+            print(f"error: {type(error).__name__}: {message}", file=sys.stderr)
+            print(
+                f"unexpected error (not a checked input): full traceback in {written}; "
+                "debug=true shows it here",
+                file=sys.stderr,
+            )
+            sys.exit(1)
 
     return wrapper
+
+
+def write_traceback(error: BaseException) -> Path:
+    """Append `error`'s traceback to the run's log file (the file handler Hydra sets up in the run
+    directory); without one, to a new temporary file. Returns the file."""
+    record = logging.LogRecord(
+        __name__,
+        logging.ERROR,
+        __file__,
+        0,
+        "unexpected error",
+        None,
+        exc_info=(type(error), error, error.__traceback__),
+    )
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename != os.devnull:
+            handler.handle(record)
+            handler.flush()
+            return Path(handler.baseFilename)
+    descriptor, path = tempfile.mkstemp(prefix="spannorm-traceback-", suffix=".log")
+    with os.fdopen(descriptor, "w") as f:
+        f.write("".join(traceback.format_exception(error)))
+    return Path(path)
 
 
 def launch(hydra_main: Callable[[], Any]) -> None:
     """Run a `@hydra.main` entry point. A config Hydra cannot compose (an unknown group option
     such as `data=nope`, a malformed override) fails with one `error:` line and exit status 2;
     `debug=true` or HYDRA_FULL_ERROR=1 shows Hydra's full report instead."""
+    register_resolvers()
     debug = any(arg.lower() == "debug=true" for arg in sys.argv[1:])
     full_report = debug or os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises what it cannot compose
@@ -160,6 +226,34 @@ def check_train_config(cfg: DictConfig) -> None:
         )
 
 
+def check_accelerator(accelerator: str) -> None:
+    """A GPU accelerator needs a CUDA GPU: say so, and what runs here, instead of Lightning's
+    "No supported gpu backend found!"."""
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UsageError(
+            f"trainer.accelerator={accelerator!r} needs a CUDA GPU and none was found on this "
+            "machine; trainer=cpu runs here"
+        )
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse rather than give it back to the kernel.
+
+    By default it maps every block over 32 MiB straight from the kernel and unmaps it when freed;
+    on CPU the [tokens, vocab] logits, their log-softmax and both gradients are such blocks, so
+    each step page-faults them in again (see docs/performance.md). With mmap off and the heap
+    never trimmed they are reused from the heap: faster steps for a somewhat higher peak RSS.
+    A setting of the whole process, so `train` applies it (on CPU). Returns whether it applied
+    (False where the C library is not glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    mmap_max, trim_threshold = -4, -1  # M_MMAP_MAX, M_TRIM_THRESHOLD in <malloc.h>
+    return bool(libc.mallopt(mmap_max, 0)) and bool(libc.mallopt(trim_threshold, 2**31 - 1))
+
+
 def checkpoint_to_resume(resume: str | None, run_dir: Path) -> Path | None:
     """The verified checkpoint that `resume=` names: null starts fresh; `auto` takes the newest
     checkpoint of this run's directory (none yet: start fresh, with a notice); else a run directory
@@ -177,9 +271,11 @@ def checkpoint_to_resume(resume: str | None, run_dir: Path) -> Path | None:
 
 
 def exit_after_stop(stopper, step: int, run_dir: Path) -> NoReturn:
-    """Report a run stopped by a signal and how to continue it; exit with 128 + the signal."""
-    stop_signal = stopper.stop_signal or signal.SIGTERM
-    kept = f"{stopper.saved} holds step {stopper.saved_step}" if stopper.saved else "no checkpoint"
+    """Report a run stopped by a signal and how to continue it; exit with 128 + the signal.
+    `stopper` is the run's LastCheckpoint (None if `callbacks.last_checkpoint=null`)."""
+    stop_signal = (stopper and stopper.stop_signal) or signal.SIGTERM
+    saved = stopper and stopper.saved
+    kept = f"{saved} holds step {stopper.saved_step}" if saved else "no checkpoint"
     overrides = [
         override
         for override in HydraConfig.get().overrides.task
@@ -194,25 +290,31 @@ def exit_after_stop(stopper, step: int, run_dir: Path) -> NoReturn:
 def train(cfg: DictConfig) -> float:
     """Fit the model on the data; return the final validation loss."""
     import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.accelerators import CPUAccelerator
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from spannorm.checkpointing import LastCheckpoint
 
-    check_train_config(cfg)
-    datamodule = instantiate(cfg.data)  # checks the data options; builds nothing yet
-    L.seed_everything(cfg.seed, workers=True)
-    stopper = LastCheckpoint(cfg.checkpoint_every_n_steps)
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer = instantiate(cfg.trainer, callbacks=[*callbacks, stopper], logger=logger)
-    run_dir = output_dir(cfg)
-    resume = checkpoint_to_resume(cfg.resume, run_dir)
-    prepare_data(datamodule)
+    with checking_input(MisconfigurationException):  # Lightning's word for a bad Trainer option
+        check_train_config(cfg)
+        check_accelerator(cfg.trainer.accelerator)
+        datamodule = instantiate(cfg.data)  # checks the data options; builds nothing yet
+        L.seed_everything(cfg.seed, workers=True)
+        callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+        logger = instantiate(cfg.logger) if cfg.get("logger") else False
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+        run_dir = output_dir(cfg)
+        resume = checkpoint_to_resume(cfg.resume, run_dir)
+        prepare_data(datamodule)
     if datamodule.vocab_size > cfg.model.vocab_size:
         raise UsageError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
             f"{datamodule.vocab_size} ids; raise model.vocab_size"
         )
+    stopper = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
+    if isinstance(trainer.accelerator, CPUAccelerator):
+        keep_freed_memory()
     lm = instantiate(cfg.model)
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -260,9 +362,9 @@ def evaluate(cfg: DictConfig) -> float:
     """Validation loss and perplexity of a checkpoint on its run's validation data."""
     import lightning as L
 
-    checkpoint, lm = load_model(cfg.ckpt_path)
-    run_cfg = run_config_of(checkpoint)
-    datamodule = build_datamodule(run_cfg.data)
+    with checking_input():
+        checkpoint, lm = load_model(cfg.ckpt_path)
+        datamodule = build_datamodule(run_config_of(checkpoint).data)
     trainer = L.Trainer(
         accelerator=cfg.accelerator, devices=1, logger=False, enable_progress_bar=cfg.progress
     )
@@ -277,8 +379,9 @@ def sample(cfg: DictConfig) -> list[str]:
     """Generate text from a checkpoint: prompt, max_new_tokens, temperature, top_k, kv_cache."""
     from spannorm.generate import generate
 
-    checkpoint, lm = load_model(cfg.ckpt_path)
-    tokenizer = instantiate(run_config_of(checkpoint).data).load_tokenizer()
+    with checking_input():
+        checkpoint, lm = load_model(cfg.ckpt_path)
+        tokenizer = instantiate(run_config_of(checkpoint).data).load_tokenizer()
     generator = torch.Generator().manual_seed(cfg.seed)
     prompt = torch.tensor([tokenizer.encode(cfg.prompt)] * cfg.num_samples, dtype=torch.long)
     if prompt.shape[1] == 0:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import sys
 from typing import Any
 
 import lightning as L
@@ -23,23 +21,6 @@ from spannorm.parallel import (
 
 # The keywords of LanguageModel itself; every other keyword is a TransformerConfig field.
 TRAINING_OPTIONS = ("optim", "compile", "activation_checkpointing")
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse rather than give it back to the kernel.
-
-    By default it maps every block over 32 MiB straight from the kernel and unmaps it when freed;
-    on CPU the [tokens, vocab] logits, their log-softmax and both gradients are such blocks, so
-    each step page-faults them in again (see docs/performance.md). With mmap off and the heap
-    never trimmed they are reused from the heap: faster steps for a somewhat higher peak RSS.
-    Returns whether it applied (False where the C library is not glibc)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(None)
-    if not hasattr(libc, "gnu_get_libc_version"):
-        return False
-    mmap_max, trim_threshold = -4, -1  # M_MMAP_MAX, M_TRIM_THRESHOLD in <malloc.h>
-    return bool(libc.mallopt(mmap_max, 0)) and bool(libc.mallopt(trim_threshold, 2**31 - 1))
 
 
 def model_config(model_options: dict[str, Any]) -> TransformerConfig:
@@ -99,9 +80,11 @@ class LanguageModel(L.LightningModule):
             apply_fsdp(self.model, self.device_mesh["data_parallel"], policy)
         self._model_configured = True
 
-    def setup(self, stage: str) -> None:
-        if self.trainer.strategy.root_device.type == "cpu":
-            keep_freed_memory()
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Lightning validates when the run is asked to stop, once even at a val_check_interval
+        # step: so every run ends with a validation at its last step, whatever the interval
+        if 0 < self.trainer.max_steps <= self.trainer.global_step:
+            self.trainer.should_stop = True
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)

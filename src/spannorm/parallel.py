@@ -1,19 +1,13 @@
 """Training-time transforms of a built `TransformerLM`, applied in place as separate steps (in this
 order): activation checkpointing, compilation, FSDP2 sharding. None of them renames a parameter,
-so checkpoints load into a plain model; a sharded checkpoint folder is made one file with
-
-    python -m spannorm.parallel outputs/runs/<run>/checkpoints/last.ckpt
+so checkpoints load into a plain model (`spannorm.checkpointing.consolidate_checkpoint` makes a
+sharded checkpoint folder one file).
 """
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
 import torch
 from torch.distributed._composable import checkpoint
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -54,25 +48,3 @@ def apply_fsdp(model: TransformerLM, mesh: DeviceMesh, mp_policy: MixedPrecision
     for index, block in enumerate(model.blocks):
         fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=index < last)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy)
-
-
-def consolidate_checkpoint(folder: str | os.PathLike) -> Path:
-    """Write the weights and training metadata of a sharded checkpoint folder (what
-    `ModelParallelStrategy` saves) to `<name>.consolidated.ckpt` beside it: one file that
-    `LanguageModel.load_from_checkpoint`, eval.py and generate.py read. Optimizer state is left
-    out (it is keyed by parameter name there, by position in a plain checkpoint)."""
-    folder = Path(folder)
-    metadata = folder / "meta.pt"  # Lightning's file of everything but the sharded tensors
-    if not metadata.is_file():
-        raise FileNotFoundError(f"{folder} is not a sharded Lightning checkpoint (no meta.pt)")
-    output = folder.with_suffix(".consolidated.ckpt")
-    dcp_to_torch_save(folder, output)
-    weights = torch.load(output, map_location="cpu")["state_dict"]
-    torch.save({**torch.load(metadata, map_location="cpu"), "state_dict": weights}, output)
-    return output
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m spannorm.parallel <sharded checkpoint folder>")
-    print(consolidate_checkpoint(sys.argv[1]))

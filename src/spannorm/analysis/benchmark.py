@@ -1,6 +1,6 @@
 """Timing the training path against a minimal PyTorch loop (used by scripts/benchmark.py).
 
-- `BareLoop`: the same `LanguageModel`'s setup, loss, AdamW groups, warmup+cosine schedule (its
+- `BareLoop`: the same `LanguageModel`'s loss, AdamW groups, warmup+cosine schedule (its
   own `configure_optimizers`) and norm clipping, stepped by a hand-written loop.
 - `StepClock`: a callback that a timed `train.py` run carries. It records when every training
   batch starts and ends, and can interleave a bare-loop twin of the model into the run: every
@@ -29,7 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from spannorm.callbacks.throughput import measure_matmul_flops, peak_memory_mib
-from spannorm.cli import build_datamodule, prepare_data
+from spannorm.cli import build_datamodule, keep_freed_memory, prepare_data
 from spannorm.data.shakespeare import ensure_shakespeare
 
 
@@ -47,8 +47,8 @@ def endless(loader: Iterable) -> Iterator:
 class BareLoop:
     """One optimizer step of `lm` per call, without Lightning: loss (+ the MoE auxiliary loss),
     backward, gradient-norm clipping at `clip` (none if falsy), AdamW step, schedule step.
-    `lm` is prepared as `Trainer.fit` prepares it: `setup("fit")` (unless `fit_setup` is False:
-    on CPU that leaves glibc's malloc as it was), then `configure_optimizers()`."""
+    `lm` is prepared as `train` prepares a run: its malloc setting, `keep_freed_memory()` (unless
+    `fit_setup` is False: that leaves glibc's malloc as it was), then `configure_optimizers()`."""
 
     def __init__(
         self, lm: L.LightningModule, max_steps: int, clip: float | None, fit_setup: bool = True
@@ -63,7 +63,7 @@ class BareLoop:
             enable_model_summary=False,
         )
         if fit_setup:
-            lm.setup("fit")
+            keep_freed_memory()
         configured = lm.configure_optimizers()
         lm.trainer = None
         self.lm, self.clip = lm, clip

@@ -5,6 +5,7 @@
 - `throughput.ThroughputMonitor`   tokens/s, step time, MFU, peak memory (`throughput/`)
 - `divergence.DivergenceGuard`     stops on a non-finite loss, counts loss spikes (`train/`)
 - `hparams.HParamsSummary`         key config + final val loss in TensorBoard's HPARAMS tab
+- `progress.StepProgressBar`       the rich progress bar, counting steps (120/300)
 
 This module holds what they share and imports no Lightning, so that the CLI can catch
 `TrainingDiverged` without loading it.

