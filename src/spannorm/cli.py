@@ -9,6 +9,7 @@ import secrets
 import shlex
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -16,12 +17,13 @@ from typing import Any, NoReturn
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, InstantiationException, MissingConfigException
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 from rich.console import Console
 
 from spannorm.callbacks import TrainingDiverged
+from spannorm.global_batch import apply_global_batch
+from spannorm.multirun import in_sweep, job_processes
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -35,10 +37,14 @@ def register_resolvers() -> None:
         "run_id": lambda: RUN_ID,
         # the model's vocab follows the tokenizer: fixed for `byte`, configured for `bpe`
         "tokenizer_vocab": lambda kind, size: TOKENIZER_VOCAB.get(kind, size),
+        "product": lambda *factors: math.prod(
+            int(f) for f in factors
+        ),  # processes = devices x nodes
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
+            # cached: a launcher's worker (submitit) resolves the sweep dir as its parent did
+            OmegaConf.register_new_resolver(name, fn, use_cache=name == "run_id")
 
 
 register_resolvers()
@@ -73,7 +79,7 @@ def friendly_errors(main):
             print(f"error: {message.splitlines()[0]}", file=sys.stderr)  # omegaconf appends details
             if not isinstance(error, TrainingDiverged):
                 sys.exit(2)
-            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            if in_sweep():
                 return math.nan  # a diverged run is a result of the sweep, not a reason to stop it
             sys.exit(3)
 
@@ -87,6 +93,8 @@ def launch(hydra_main: Callable[[], Any]) -> None:
     debug = any(arg.lower() == "debug=true" for arg in sys.argv[1:])
     full_report = debug or os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises what it cannot compose
+    # conf/hydra/launcher/submitit_*.yaml extend, on purpose, the plugin's schemas of those names
+    warnings.filterwarnings("ignore", r"\s*'hydra/launcher/submitit_\w+' is validated against")
     try:
         hydra_main()
     except CompactHydraException as error:
@@ -199,6 +207,7 @@ def train(cfg: DictConfig) -> float:
     from spannorm.checkpointing import LastCheckpoint
 
     check_train_config(cfg)
+    apply_global_batch(cfg)
     datamodule = instantiate(cfg.data)  # checks the data options; builds nothing yet
     L.seed_everything(cfg.seed, workers=True)
     stopper = LastCheckpoint(cfg.checkpoint_every_n_steps)
@@ -217,7 +226,8 @@ def train(cfg: DictConfig) -> float:
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
-        trainer.fit(lm, datamodule=datamodule, ckpt_path=resume)
+        with job_processes(trainer, run_dir):
+            trainer.fit(lm, datamodule=datamodule, ckpt_path=resume)
     except SIGTERMException:
         exit_after_stop(stopper, trainer.global_step, run_dir)
     val_loss = float(trainer.callback_metrics.get("val/loss", float("nan")))
