@@ -13,12 +13,16 @@ once, with both ranks in its own directory.
 
 from __future__ import annotations
 
+import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_entry, tiny_overrides
+from conftest import REPO, tiny_overrides
 from torch.testing import assert_close
 
 from spannorm.parallel import consolidate_checkpoint
@@ -46,30 +50,44 @@ RUN = [
 TWO_PROCESSES = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
 
 
-def sweep(tmp: Path, corpus, *overrides: str):
-    result = run_entry(
-        "train.py", "-m", *tiny_overrides(corpus, *RUN, *overrides), f"hydra.sweep.dir={tmp}"
-    )
-    return tmp, result
+def start_sweep(tmp: Path, corpus, *overrides: str) -> subprocess.Popen:
+    """`train.py -m` from `tmp`, into Hydra's default sweep directory (named by the time and the
+    process, so that a process which started a sweep of its own would make a second one)."""
+    command = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "-m",
+        *tiny_overrides(corpus, *RUN, *overrides),
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    with open(tmp / "stdout", "w") as stdout, open(tmp / "stderr", "w") as stderr:
+        return subprocess.Popen(command, cwd=tmp, env=env, stdout=stdout, stderr=stderr)
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, tiny_corpus):
-    """Job 0: batch 16; job 1: micro batch 8 x accumulation 2 (submitit's local launcher)."""
-    tmp = tmp_path_factory.mktemp("one_process")
-    return sweep(tmp, tiny_corpus, "hydra/launcher=submitit_local", "data.batch_size=16,8")
+def sweeps(tmp_path_factory, tiny_corpus) -> dict[str, tuple[Path, str]]:
+    """Both sweeps, run side by side: {name: (sweep dir, stdout + stderr)}.
+    one_process: job 0 batch 16, job 1 micro batch 8 x accumulation 2 (submitit's local launcher);
+    two_processes: job 0 ddp, job 1 fsdp, each 2 processes x micro batch 4 x accumulation 2."""
+    options = {
+        "one_process": ["hydra/launcher=submitit_local", "data.batch_size=16,8"],
+        "two_processes": ["trainer=ddp,fsdp", *TWO_PROCESSES, "data.batch_size=4"],
+    }
+    tmp = {name: tmp_path_factory.mktemp(name) for name in options}
+    started = {name: start_sweep(tmp[name], tiny_corpus, *o) for name, o in options.items()}
+    results = {}
+    for name, process in started.items():
+        code = process.wait(timeout=900)
+        output = (tmp[name] / "stdout").read_text() + (tmp[name] / "stderr").read_text()
+        assert code == 0, f"the {name} sweep failed:\n{output}"
+        (sweep_dir,) = (tmp[name] / "outputs" / "multirun").iterdir()
+        results[name] = (sweep_dir, output)
+    return results
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory, tiny_corpus):
-    """Job 0: ddp, job 1: fsdp; each 2 processes x micro batch 4 x accumulation 2."""
-    tmp = tmp_path_factory.mktemp("two_processes")
-    return sweep(tmp, tiny_corpus, "trainer=ddp,fsdp", *TWO_PROCESSES, "data.batch_size=4")
-
-
-@pytest.fixture(scope="module")
-def runs(one_process, two_processes) -> dict[str, Path]:
-    one, two = one_process[0], two_processes[0]
+def runs(sweeps) -> dict[str, Path]:
+    one, two = sweeps["one_process"][0], sweeps["two_processes"][0]
     return {"batch16": one / "0", "micro8x2": one / "1", "ddp": two / "0", "fsdp": two / "1"}
 
 
@@ -117,10 +135,11 @@ def test_throughput_counts_the_tokens_of_every_process(runs, run):
     assert per_device == pytest.approx([rate / devices for rate in rates])
 
 
-def test_each_multirun_job_trains_once_with_both_ranks_in_its_directory(two_processes):
-    sweep_dir, result = two_processes
+def test_each_multirun_job_trains_once_with_both_ranks_in_its_directory(sweeps):
+    sweep_dir, output = sweeps["two_processes"]
     assert sorted(p.name for p in sweep_dir.iterdir()) == ["0", "1", "multirun.yaml"]
-    assert result.stdout.count("run dir:") == 2
+    assert output.count("Launching 2 jobs") == 1  # no rank started a sweep of its own
+    assert output.count("run dir:") == 2
     for job, strategy in (("0", "ddp"), ("1", "fsdp")):
         run = sweep_dir / job
         assert f"trainer={strategy}" in (run / ".hydra" / "overrides.yaml").read_text()
@@ -133,9 +152,9 @@ def test_each_multirun_job_trains_once_with_both_ranks_in_its_directory(two_proc
         assert (run / "checkpoints" / "last.ckpt").exists()
 
 
-def test_submitit_local_runs_a_sweep_to_completion(one_process):
-    sweep_dir, result = one_process
-    assert "Submitit 'local' sweep output dir" in result.stdout + result.stderr
+def test_submitit_local_runs_a_sweep_to_completion(sweeps):
+    sweep_dir, output = sweeps["one_process"]
+    assert "Submitit 'local' sweep output dir" in output
     for job in ("0", "1"):
         assert (sweep_dir / job / "checkpoints" / "last.ckpt").exists()
         assert (sweep_dir / job / ".hydra" / "config.yaml").exists()
@@ -150,7 +169,7 @@ def test_submitit_slurm_config_asks_slurm_for_one_task_per_gpu_and_requeues(tmp_
     from hydra.utils import instantiate
 
     overrides = ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "trainer=fsdp"]
-    overrides += ["trainer.num_nodes=4", "trainer.devices=8", f"hydra.sweep.dir={tmp_path}"]
+    overrides += ["trainer.num_nodes=4", "trainer.devices=8", f"hydra.sweep.dir={tmp_path}/sweep"]
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     scripts = []
@@ -160,6 +179,11 @@ def test_submitit_slurm_config_asks_slurm_for_one_task_per_gpu_and_requeues(tmp_
         return []
 
     monkeypatch.setattr(submitit.AutoExecutor, "map_array", submit)
+    fake_srun = tmp_path / "bin" / "srun"  # submitit looks for srun to know it is on SLURM
+    fake_srun.parent.mkdir()
+    fake_srun.write_text("#!/bin/sh\nexit 1\n")
+    fake_srun.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_srun.parent}:{os.environ['PATH']}")
     launcher = instantiate(cfg.hydra.launcher)
     launcher.setup(hydra_context=None, task_function=None, config=cfg)
     launcher.launch([["seed=1"]], initial_job_idx=0)
@@ -167,3 +191,24 @@ def test_submitit_slurm_config_asks_slurm_for_one_task_per_gpu_and_requeues(tmp_
     for flag in ("nodes=4", "ntasks-per-node=8", "gpus-per-node=8", "partition=gpu", "requeue"):
         assert f"#SBATCH --{flag}" in lines, flag
     assert "#SBATCH --signal=USR2@120" in lines and "#SBATCH --time=240" in lines
+
+
+def test_a_rank_started_for_a_sweep_job_ends_a_divergence_as_a_result(monkeypatch, capsys):
+    """The ranks Lightning starts for a multirun job run as single runs: a divergence there must
+    not exit non-zero, or Lightning would kill rank 0 and with it the sweep."""
+    from omegaconf import OmegaConf
+
+    from spannorm.callbacks import TrainingDiverged
+    from spannorm.cli import friendly_errors
+    from spannorm.multirun import SWEEP_JOB_ENV
+
+    def diverge(cfg):
+        raise TrainingDiverged("training diverged: loss is nan at step 3")
+
+    monkeypatch.setenv(SWEEP_JOB_ENV, "1")
+    assert math.isnan(friendly_errors(diverge)(OmegaConf.create({})))
+    assert capsys.readouterr().err == "error: training diverged: loss is nan at step 3\n"
+    monkeypatch.delenv(SWEEP_JOB_ENV)
+    with pytest.raises(SystemExit) as exit_info:
+        friendly_errors(diverge)(OmegaConf.create({}))
+    assert exit_info.value.code == 3

@@ -11,10 +11,10 @@ known GPU, else a matmul probe at train start (CPU: what this machine actually r
 
 Rates are averaged over windows of `every_n_steps` optimizer steps, opened after `warmup_steps`
 steps; validation time inside a window is subtracted. CUDA is synchronized only at window edges.
+(Lightning's own ThroughputMonitor synchronizes every batch and needs a full window first.)
 Under data parallelism the tokens are those of every process (summed at window edges, so every
 micro batch of the global batch counts); tflops and mfu are per device (the total over the
 `world_size` processes divided by it), peak memory the highest of any process.
-(Lightning's own ThroughputMonitor synchronizes every batch and needs a full window first.)
 """
 
 from __future__ import annotations
