@@ -2,8 +2,10 @@
 # GPU check: tokens/s, MFU and peak memory of a GPT-2-small-shaped dense model (d=768, 12 blocks,
 # 12 heads, sequence 1024, BPE vocab 8192 on the Shakespeare corpus) and its MoE variant (8
 # experts, top-2), trained in bf16 with model.compile=true for a fixed number of steps; then the
-# same under trainer=fsdp when more than one GPU is visible. The figures are those the throughput
-# callback logs to TensorBoard (throughput/*), as medians over its windows.
+# same under trainer=fsdp when more than one GPU is visible. Every callback of
+# conf/callbacks/default.yaml is on (the monitors and the final checkpoint; no progress bar), as a
+# user runs it. The figures are those the throughput callback logs to TensorBoard (throughput/*),
+# as medians over its windows; tok/s/GPU is throughput/tokens_per_sec_per_device.
 #
 #   scripts/gpu_check.sh prepare          # here, with the network: fetch into .whl/ the wheels a
 #                                         # bare GPU machine lacks; build the corpus and its caches
@@ -101,9 +103,8 @@ fi
 common=(
   "${shape[@]}" model.compile=true
   "trainer.max_steps=$STEPS" ++trainer.limit_val_batches=0 trainer.log_every_n_steps=10
-  callbacks.throughput.every_n_steps=10 callbacks.layer_stats=null callbacks.experts=null
-  callbacks.checkpoint=null callbacks.progress=null checkpoint_every_n_steps=null
-  ++trainer.enable_checkpointing=false ++trainer.enable_progress_bar=false
+  callbacks.throughput.every_n_steps=10 callbacks.progress=null checkpoint_every_n_steps=null
+  ++trainer.enable_progress_bar=false
 )
 variants=(dense moe)
 declare -A variant_overrides=([dense]="model.ffn=dense" [moe]="model.ffn=moe model.n_experts=8 model.top_k=2")
@@ -169,7 +170,7 @@ for run in map(Path, sys.argv[1:]):
     peak = max((v for _, v in scalars.get("throughput/peak_memory_mib", [])), default=float("nan"))
     losses = [v for _, v in scalars.get("train/loss", [])] or [float("nan")]
     row = (run.name, cfg.trainer.devices, f"{model.num_params(non_embedding=False) / 1e6:.1f}M",
-           f"{matmul_params(model) / 1e6:.1f}M", f"{median('throughput/tokens_per_sec'):,.0f}",
+           f"{matmul_params(model) / 1e6:.1f}M", f"{median('throughput/tokens_per_sec_per_device'):,.0f}",
            f"{100 * median('throughput/mfu'):.1f}%", f"{median('throughput/tflops'):.1f}",
            f"{median('throughput/step_time_ms'):.0f}", f"{peak / 1024:.2f}",
            f"{losses[0]:.2f}>{losses[-1]:.2f}")

@@ -1,5 +1,6 @@
 """What every process runs for tests/test_distributed.py: a few tiny LanguageModel fits with plain
-SGD on fixed random tokens, each writing its final full weights and last gradient norm (rank 0).
+SGD on fixed random tokens and the default monitors on, each writing its final full weights and
+last gradient norm (rank 0).
 
     python distributed_driver.py OUT reference                      # 1 process, batch 16
     torchrun --standalone --nproc-per-node 2 distributed_driver.py OUT ddp ddp_same_data ...
@@ -63,6 +64,15 @@ def configured_strategy(trainer: str, world_size: int):
         return instantiate(compose("train", overrides=overrides).trainer.strategy)
 
 
+def default_monitors() -> list:
+    """The monitors of conf/callbacks/default.yaml (all but checkpointing and the progress bar)."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        callbacks = compose("train", overrides=["run_dir=unused"]).callbacks
+    return [
+        instantiate(c) for name, c in callbacks.items() if name not in ("checkpoint", "progress")
+    ]
+
+
 def fit(name: str, out: Path, world_size: int) -> None:
     """Run scenario `name` (reference, or ddp/fsdp with an optional _same_data or _resumed) and
     save {"weights", "grad_norm"} to OUT/<name>.pt from rank 0."""
@@ -82,7 +92,7 @@ def fit(name: str, out: Path, world_size: int) -> None:
         strategy=strategy,
         max_steps=MAX_STEPS,
         logger=False,
-        callbacks=[checkpoints] if name == "fsdp" else [],
+        callbacks=[*default_monitors(), *([checkpoints] if name == "fsdp" else [])],
         enable_checkpointing=name == "fsdp",
         enable_progress_bar=False,
         enable_model_summary=False,

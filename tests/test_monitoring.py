@@ -35,6 +35,17 @@ class RecordingLogger:
         self.metrics.update(metrics)
 
 
+def one_process_trainer(**fields) -> SimpleNamespace:
+    """What the monitors read of a single-process Trainer (reductions over processes: as is)."""
+    strategy = SimpleNamespace(
+        reduce=lambda value, reduce_op: value,
+        reduce_boolean_decision=lambda decision, all: decision,
+        root_device=torch.device("cpu"),
+    )
+    defaults = {"global_rank": 0, "world_size": 1, "is_global_zero": True, "strategy": strategy}
+    return SimpleNamespace(**{**defaults, **fields})
+
+
 class PoisonLogits(L.Callback):
     """Test-only: makes the logits NaN at optimizer step `step` (the weights stay finite)."""
 
@@ -64,8 +75,8 @@ def test_layer_stats_equal_a_direct_computation():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     idx = torch.randint(0, 32, (2, 8))
     logger = RecordingLogger()
-    trainer = SimpleNamespace(global_step=0, loggers=[logger])
-    module = SimpleNamespace(model=model)
+    trainer = one_process_trainer(global_step=0, loggers=[logger])
+    module = SimpleNamespace(model=model, device=torch.device("cpu"))
     monitor = LayerStatsMonitor(every_n_steps=5, entropy_sequences=2)
 
     monitor.on_train_batch_start(trainer, module, None, 0)
@@ -115,14 +126,10 @@ def test_flops_per_token_matches_torch_flop_counter(ffn):
 def test_spikes_are_counted_against_the_moving_median():
     guard = DivergenceGuard(spike_factor=1.5, spike_window=4)
     logger = RecordingLogger()
-    trainer = SimpleNamespace(
-        global_step=0,
-        log_every_n_steps=1,
-        loggers=[logger],
-        strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
-    )
+    trainer = one_process_trainer(global_step=0, log_every_n_steps=1, loggers=[logger])
     for loss in [3.0, 3.1, 2.9, 3.0, 4.4, 4.6, 3.0, 9.0]:
         guard.on_before_backward(trainer, None, torch.tensor(loss))
+        guard.on_before_optimizer_step(trainer, None, None)
         trainer.global_step += 1
     assert logger.metrics["train/loss_spikes"] == 2  # 4.6 > 1.5 * 3.05, 9.0 > 1.5 * 3.7, not 4.4
 

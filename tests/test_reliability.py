@@ -63,6 +63,15 @@ def fail_fast(overrides: list[str], capsys, config: str = "train", main=train) -
         (["data.batch_size=0"], ["data.batch_size=0", "positive"]),
         (["model.max_seq_len=16"], ["data.seq_len=32", "model.max_seq_len=16"]),
         (["checkpoint_every_n_steps=0"], ["checkpoint_every_n_steps=0"]),
+        (["data.global_batch_size=20"], ["data.global_batch_size=20", "multiple of 8"]),
+        (
+            ["trainer=ddp", "trainer.accelerator=cpu", "data.global_batch_size=24"],
+            ["data.global_batch_size=24", "2 process(es) = 16"],
+        ),
+        (
+            ["data.global_batch_size=16", "+trainer.accumulate_grad_batches=4"],
+            ["drop trainer.accumulate_grad_batches=4"],
+        ),
         (["data.train_files=/nonexistent/train.txt"], ["data.train_files", "does not exist"]),
         (["data.validation_files={empty}"], ["data.validation_files", "is empty"]),
         (["resume=/nonexistent/run"], ["resume='/nonexistent/run'", "does not exist"]),

@@ -13,6 +13,7 @@ import signal
 import sys
 import tempfile
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,12 +22,13 @@ from typing import Any, NoReturn
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, InstantiationException, MissingConfigException
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 from rich.console import Console
 
 from spannorm.callbacks import TrainingDiverged
+from spannorm.global_batch import apply_global_batch
+from spannorm.multirun import in_sweep, job_processes
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -56,10 +58,12 @@ def register_resolvers() -> None:
         "run_id": lambda: RUN_ID,
         # the model's vocab follows the tokenizer: fixed for `byte`, configured for `bpe`
         "tokenizer_vocab": _tokenizer_vocab,
+        "product": lambda *factors: math.prod(int(f) for f in factors),  # devices x nodes
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
+            # cached: a launcher's worker (submitit) resolves the sweep dir as its parent did
+            OmegaConf.register_new_resolver(name, fn, use_cache=name == "run_id")
 
 
 class UsageError(Exception):
@@ -103,7 +107,7 @@ def friendly_errors(main):
             print(f"error: {_first_line(error)}", file=sys.stderr)  # omegaconf appends details
             if not isinstance(error, TrainingDiverged):
                 sys.exit(2)
-            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            if in_sweep():
                 return math.nan  # a diverged run is a result of the sweep, not a reason to stop it
             sys.exit(3)
         except Exception as error:
@@ -153,6 +157,8 @@ def launch(hydra_main: Callable[[], Any]) -> None:
     debug = any(arg.lower() == "debug=true" for arg in sys.argv[1:])
     full_report = debug or os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises what it cannot compose
+    # conf/hydra/launcher/submitit_*.yaml extend, on purpose, the plugin's schemas of those names
+    warnings.filterwarnings("ignore", r"\s*'hydra/launcher/submitit_\w+' is validated against")
     try:
         hydra_main()
     except CompactHydraException as error:
@@ -299,6 +305,7 @@ def train(cfg: DictConfig) -> float:
     with checking_input(MisconfigurationException):  # Lightning's word for a bad Trainer option
         check_train_config(cfg)
         check_accelerator(cfg.trainer.accelerator)
+        apply_global_batch(cfg)
         datamodule = instantiate(cfg.data)  # checks the data options; builds nothing yet
         L.seed_everything(cfg.seed, workers=True)
         callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
@@ -319,7 +326,8 @@ def train(cfg: DictConfig) -> float:
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
-        trainer.fit(lm, datamodule=datamodule, ckpt_path=resume)
+        with job_processes(trainer, run_dir):
+            trainer.fit(lm, datamodule=datamodule, ckpt_path=resume)
     except SIGTERMException:
         exit_after_stop(stopper, trainer.global_step, run_dir)
     val_loss = float(trainer.callback_metrics.get("val/loss", float("nan")))

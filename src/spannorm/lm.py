@@ -58,6 +58,7 @@ class LanguageModel(L.LightningModule):
         self.activation_checkpointing = activation_checkpointing
         self.model = TransformerLM(model_config(model_options))
         self.val_loss = MeanMetric()
+        self._step_losses: dict[str, list[torch.Tensor]] = {"train/loss": [], "train/aux_loss": []}
         self._model_configured = False
 
     def configure_model(self) -> None:
@@ -96,13 +97,23 @@ class LanguageModel(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        self._step_losses["train/loss"].append(loss.detach())
         aux = self.model.aux_loss()
-        if aux is not None:
-            self.log("train/aux_loss", aux)
-            return loss + aux
-        return loss
+        if aux is None:
+            return loss
+        self._step_losses["train/aux_loss"].append(aux.detach())
+        return loss + aux
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Log train/loss (and train/aux_loss) of the step's whole global batch: the mean over
+        its micro batches (gradient accumulation) and over the processes, and train/lr."""
+        for name, losses in self._step_losses.items():
+            if losses:
+                self.log(
+                    name, torch.stack(losses).mean(), prog_bar=name == "train/loss", sync_dist=True
+                )
+            losses.clear()
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self.val_loss.update(self.loss(batch), weight=batch[0].shape[0])

@@ -7,11 +7,18 @@
 - `hparams.HParamsSummary`         key config + final val loss in TensorBoard's HPARAMS tab
 - `progress.StepProgressBar`       the rich progress bar, counting steps (120/300)
 
+Under data parallelism (`trainer=ddp`, `trainer=fsdp`) every monitor measures the optimizer
+step's whole global batch, over every micro batch and process: rank-local sums are added up
+across the processes (`sum_over_processes`), sharded tensors are gathered (`full_tensor`), and
+Lightning's loggers write on rank 0 only. See docs/monitoring.md, "Several processes".
+
 This module holds what they share and imports no Lightning, so that the CLI can catch
 `TrainingDiverged` without loading it.
 """
 
 from __future__ import annotations
+
+import torch
 
 
 class TrainingDiverged(RuntimeError):
@@ -28,3 +35,37 @@ def log_scalars(trainer, metrics: dict[str, float], step: int) -> None:
 def block_tag(namespace: str, metric: str, block: int, n_blocks: int) -> str:
     """`<namespace>/<metric>/block_07`, zero-padded so the tags sort by depth."""
     return f"{namespace}/{metric}/block_{block:0{max(2, len(str(n_blocks - 1)))}d}"
+
+
+def sum_over_processes(trainer, values: torch.Tensor) -> torch.Tensor:
+    """`values` summed over all processes (one all-reduce; as is on a single process)."""
+    return trainer.strategy.reduce(values.to(trainer.strategy.root_device), reduce_op="sum")
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """The whole of a (possibly sharded or partial) DTensor, e.g. a norm over FSDP2 gradients
+    (a collective: every process must call it); a plain tensor as is."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+class StepLoss:
+    """The training loss of the optimizer step's whole global batch, from the losses
+    `on_before_backward` receives (each micro batch's, already divided by the number of
+    accumulated micro batches): summed on each process, then averaged over the processes."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+
+    def add(self, loss: torch.Tensor) -> float:
+        """Add one micro batch's loss; return its value (one device sync)."""
+        value = loss.detach().float().item()
+        self.total += value
+        return value
+
+    def pop(self, trainer) -> float:
+        """The step's loss (one all-reduce under data parallelism); starts the next step."""
+        total = sum_over_processes(trainer, torch.tensor(self.total))
+        self.total = 0.0
+        return float(total) / trainer.world_size

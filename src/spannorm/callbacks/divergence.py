@@ -1,10 +1,12 @@
 """Divergence guard: stop on a non-finite loss with the last good weights saved; count spikes.
 
 Checked in `on_before_backward`, i.e. before the step's gradients reach the weights:
-- loss NaN or inf at step N: save `checkpoints/last-good-step<N>.ckpt` (weights, optimizer and
-  schedule after N updates, none from the bad batch), log `train/diverged` = 1 at step N and raise
-  `TrainingDiverged`, which the CLI prints as one `error:` line (exit status 3);
-- loss > spike_factor * median(the last `spike_window` finite losses): one more spike;
+- loss NaN or inf at step N (in any micro batch, on any process): save
+  `checkpoints/last-good-step<N>.ckpt` (weights, optimizer and schedule after N updates, none from
+  the bad batch), log `train/diverged` = 1 at step N and raise `TrainingDiverged`, which the CLI
+  prints as one `error:` line (exit status 3);
+- the loss of step N's global batch (all micro batches and processes) > spike_factor *
+  median(the losses of the last `spike_window` steps): one more spike;
   the running count is logged as `train/loss_spikes` at the steps `train/loss` is logged at.
 """
 
@@ -17,11 +19,12 @@ from pathlib import Path
 
 import lightning as L
 
-from spannorm.callbacks import TrainingDiverged, log_scalars
+from spannorm.callbacks import StepLoss, TrainingDiverged, log_scalars
 
 
 class DivergenceGuard(L.Callback):
-    """See the module docstring. The loss is read once per step (one device sync)."""
+    """See the module docstring. The loss is read once per micro batch (one device sync) and
+    averaged over the processes once per step."""
 
     def __init__(self, spike_factor: float = 1.5, spike_window: int = 50):
         if spike_factor <= 1 or spike_window < 1:
@@ -32,11 +35,15 @@ class DivergenceGuard(L.Callback):
         self.spike_factor = spike_factor
         self.recent_losses: deque[float] = deque(maxlen=spike_window)
         self.spikes = 0
+        self.step_loss = StepLoss()
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
-        value = loss.detach().item()
+        value = self.step_loss.add(loss)
         if trainer.strategy.reduce_boolean_decision(not math.isfinite(value), all=False):
             self._stop(trainer, value)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        value = self.step_loss.pop(trainer)
         window_full = len(self.recent_losses) == self.recent_losses.maxlen
         if window_full and value > self.spike_factor * statistics.median(self.recent_losses):
             self.spikes += 1

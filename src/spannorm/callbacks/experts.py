@@ -1,7 +1,9 @@
 """Mixture-of-Experts routing statistics, every `every_n_steps` steps, under `moe/`.
 
-For MoE block l with M experts, from that step's training forward (`MoE.last_load`,
-`MoE.last_router_entropy`), f_e = share of the token->expert assignments going to expert e:
+For MoE block l with M experts, from that step's training forwards (`MoE.last_load`,
+`MoE.last_router_entropy` after each micro batch, averaged over the micro batches and the
+processes, which all hold the same number of tokens: the step's whole global batch),
+f_e = share of the token->expert assignments going to expert e:
     moe/load_max/block_l        max_e f_e         (1/M when balanced, 1 when one expert takes all)
     moe/load_min/block_l        min_e f_e         (0: an expert got no tokens)
     moe/router_entropy/block_l  mean over tokens of H(softmax(W_r x)) in nats (log M = uniform)
@@ -14,7 +16,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from spannorm.callbacks import block_tag, log_scalars
+from spannorm.callbacks import block_tag, log_scalars, sum_over_processes
 from spannorm.model.moe import MoE
 
 
@@ -25,18 +27,33 @@ class ExpertLoadMonitor(L.Callback):
         if every_n_steps < 1:
             raise ValueError(f"callbacks.experts.every_n_steps={every_n_steps} must be at least 1")
         self.every_n_steps = every_n_steps
+        self._layers: dict[int, MoE] = {}  # block index: its MoE layer
+        self._sums: torch.Tensor | None = None  # [MoE blocks, M + 1]: loads, router entropy
+        self._micro_batches = 0
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        """After each micro batch's forward: add its loads and router entropies."""
         if trainer.global_step % self.every_n_steps:
             return
         blocks = pl_module.model.blocks
-        layers = {
-            index: block.ffn for index, block in enumerate(blocks) if isinstance(block.ffn, MoE)
-        }
-        if not layers:
+        self._layers = {i: b.ffn for i, b in enumerate(blocks) if isinstance(b.ffn, MoE)}
+        if not self._layers:
             return
-        loads = torch.stack([moe.last_load for moe in layers.values()])  # [MoE blocks, M]
-        entropies = torch.stack([moe.last_router_entropy for moe in layers.values()])
+        moes = self._layers.values()
+        sums = torch.stack(
+            [torch.cat([moe.last_load, moe.last_router_entropy.view(1)]) for moe in moes]
+        ).float()
+        self._sums = sums if self._sums is None else self._sums + sums
+        self._micro_batches += 1
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self._sums is None:
+            return
+        n_blocks = len(pl_module.model.blocks)
+        counted = self._micro_batches * trainer.world_size
+        means = (sum_over_processes(trainer, self._sums) / counted).cpu()
+        self._sums, self._micro_batches = None, 0
+        loads, entropies = means[:, :-1], means[:, -1]
         load_max, load_min = loads.amax(dim=1).tolist(), loads.amin(dim=1).tolist()
         metrics = {"moe/load_imbalance": loads.shape[1] * max(load_max)}
         per_block = {
@@ -45,6 +62,6 @@ class ExpertLoadMonitor(L.Callback):
             "router_entropy": entropies.tolist(),
         }
         for metric, series in per_block.items():
-            for index, value in zip(layers, series, strict=True):
-                metrics[block_tag("moe", metric, index, len(blocks))] = value
+            for index, value in zip(self._layers, series, strict=True):
+                metrics[block_tag("moe", metric, index, n_blocks)] = value
         log_scalars(trainer, metrics, trainer.global_step)

@@ -1,15 +1,19 @@
 """Per-block statistics of the training step, every `every_n_steps` steps, under `layers/`.
 
 For block l with input x_{l-1} and output x_l (x_{-1} = the scaled token embedding), on the
-training batch itself:
+training batch itself: the optimizer step's whole global batch, every micro batch of every process
+(rank-local sums added up across processes, sharded FSDP2 norms gathered), as one process with the
+whole batch would measure it:
     rms[l]              = sqrt(mean(x_l^2))                       the stream's scale
-    stream_grad_norm[l] = ||dLoss/dx_l||_F                        gradient reaching block l's output
+    stream_grad_norm[l] = ||dLoss/dx_l||_F, Loss the step's       gradient reaching block l's output
+                          mean loss over the global batch
     param_grad_norm[l]  = ||dLoss/dθ_l||_2                        block l's parameters, before clipping
     update_ratio[l]     = ||θ_l(after) - θ_l(before)||_2 / ||θ_l(before)||_2   across the optimizer step
     cos[l]              = mean over tokens of cos(x_{l-1}, x_l)   near 1: the block barely turns the stream
     attn_entropy[l]     = mean over heads h and queries i of -sum_j p_hij log p_hij (nats), with
                           p_h = causal softmax(q_h k_h^T / sqrt(hd)) after RoPE, on the first
-                          `entropy_sequences` sequences of the batch (query i can reach at most log(i+1))
+                          `entropy_sequences` sequences of the global batch (at most the first
+                          micro batch of each process; query i can reach at most log(i+1))
 rms, stream_grad_norm and cos are `spannorm.analysis.signal`'s definitions, measured during training.
 Hooks are attached only for a logging step and removed after it, so other steps run the bare model;
 a compiled model runs that step eagerly (the hooks would not run in code compiled without them).
@@ -31,12 +35,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch.nn.utils import get_total_norm
 
-from spannorm.callbacks import block_tag, log_scalars
+from spannorm.callbacks import block_tag, full_tensor, log_scalars, sum_over_processes
 from spannorm.model.layers import CausalSelfAttention, rope_tables, rotate
 
 # panel order in the image; the first four span orders of magnitude and are drawn as log10
 METRICS = ("rms", "stream_grad_norm", "param_grad_norm", "update_ratio", "cos", "attn_entropy")
 LOG10_PANELS = {"rms", "stream_grad_norm", "param_grad_norm", "update_ratio"}
+# what the hooks add up per block over a logging step's micro batches, then over the processes
+SUMS = ("squares", "elements", "cos", "tokens", "grad_squares", "entropy", "sequences")
 
 
 def attention_entropy(attn: CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +106,11 @@ class LayerStatsMonitor(L.Callback):
         self.image = image
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._eager = ExitStack()  # holds the force_eager compiler stance of a logging step
-        self._stats: dict[str, list[torch.Tensor | None]] = {}
+        self._sums = torch.zeros(0)  # [SUMS, blocks] of the logging step in progress
+        self._seen: set[tuple[str, int]] = set()  # hooks that ran in this micro batch
+        self._micro_batch = 0  # of the logging step in progress
+        self._rank, self._world_size = 0, 1
+        self._param_grad_norm: list[torch.Tensor] = []
         self._params_before: list[list[torch.Tensor]] | None = None
         self._step = 0
         self._plot: LayerProfilePlot | None = None  # used by the drawing thread only
@@ -108,11 +118,17 @@ class LayerStatsMonitor(L.Callback):
         self._drawing: Future | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step % self.every_n_steps or self._handles:
+        if self._handles:  # the next micro batch of a logging step (gradient accumulation)
+            self._micro_batch += 1
+            self._seen.clear()
+            return
+        if trainer.global_step % self.every_n_steps:
             return
         blocks = pl_module.model.blocks
         self._step = trainer.global_step
-        self._stats = {metric: [None] * len(blocks) for metric in METRICS}
+        self._micro_batch, self._seen = 0, set()
+        self._rank, self._world_size = trainer.global_rank, trainer.world_size
+        self._sums = torch.zeros(len(SUMS), len(blocks), device=pl_module.device)
         # compiled blocks (model.compile=true) would not run hooks added after compiling
         self._eager.enter_context(torch.compiler.set_stance("force_eager"))
         for index, block in enumerate(blocks):
@@ -121,24 +137,48 @@ class LayerStatsMonitor(L.Callback):
                 block.attn.register_forward_hook(partial(self._record_attention, index))
             )
 
+    def _first_call(self, key: tuple[str, int]) -> bool:
+        """Whether this hook runs for the first time in this micro batch (activation
+        checkpointing runs the forward again in backward)."""
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+    def _add(self, index: int, **values: torch.Tensor | float) -> None:
+        for name, value in values.items():
+            self._sums[SUMS.index(name), index] += value
+
     def _record_block(self, index: int, block, args, output: torch.Tensor) -> None:
+        if not self._first_call(("block", index)):
+            return
         with torch.no_grad():
             stream = output.detach().float()
-            self._stats["rms"][index] = stream.pow(2).mean().sqrt()
-            self._stats["cos"][index] = F.cosine_similarity(
-                args[0].detach().float(), stream, dim=-1
-            ).mean()
+            cos = F.cosine_similarity(args[0].detach().float(), stream, dim=-1)
+            self._add(
+                index,
+                squares=stream.pow(2).sum(),
+                elements=stream.numel(),
+                cos=cos.sum(),
+                tokens=cos.numel(),
+            )
         if output.requires_grad:
             output.register_hook(partial(self._record_stream_grad, index))
 
     def _record_stream_grad(self, index: int, grad: torch.Tensor) -> None:
-        self._stats["stream_grad_norm"][index] = grad.detach().float().norm()
+        self._add(index, grad_squares=grad.detach().float().pow(2).sum())
 
     def _record_attention(self, index: int, attn, args, output) -> None:
-        with torch.no_grad():
-            self._stats["attn_entropy"][index] = attention_entropy(
-                attn, args[0][: self.entropy_sequences]
-            )
+        if self._micro_batch or not self._first_call(("attn", index)):
+            return
+        # the global batch's first sequences: with the interleaved order of
+        # spannorm.data.sampling, sequence j of it is sequence j // W of process j % W
+        wanted = -(-(self.entropy_sequences - self._rank) // self._world_size)
+        sequences = min(max(wanted, 0), args[0].shape[0])
+        if sequences:
+            with torch.no_grad():
+                entropy = attention_entropy(attn, args[0][:sequences])
+            self._add(index, entropy=entropy * sequences, sequences=sequences)
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:
@@ -150,8 +190,8 @@ class LayerStatsMonitor(L.Callback):
         if not self._handles:
             return
         blocks = pl_module.model.blocks
-        self._stats["param_grad_norm"] = [
-            get_total_norm([p.grad for p in block.parameters() if p.grad is not None])
+        self._param_grad_norm = [
+            full_tensor(get_total_norm([p.grad for p in block.parameters() if p.grad is not None]))
             for block in blocks
         ]
         self._params_before = [[p.detach().clone() for p in block.parameters()] for block in blocks]
@@ -161,15 +201,32 @@ class LayerStatsMonitor(L.Callback):
             return
         self._remove_hooks()
         with torch.no_grad():
-            self._stats["update_ratio"] = [
-                get_total_norm(
-                    [p.detach() - old for p, old in zip(block.parameters(), before, strict=True)]
+            update_ratio = [
+                full_tensor(
+                    get_total_norm(
+                        [
+                            p.detach() - old
+                            for p, old in zip(block.parameters(), before, strict=True)
+                        ]
+                    )
+                    / get_total_norm(before)
                 )
-                / get_total_norm(before)
                 for block, before in zip(pl_module.model.blocks, self._params_before, strict=True)
             ]
         self._params_before = None
-        table = torch.stack([torch.stack(self._stats[metric]) for metric in METRICS]).tolist()
+        sums = dict(zip(SUMS, sum_over_processes(trainer, self._sums), strict=True))
+        # each process's loss is the mean over its own share, W times the global batch's
+        stream_grad_norm = sums["grad_squares"].sqrt() / self._world_size
+        table = torch.stack(
+            [
+                (sums["squares"] / sums["elements"]).sqrt(),
+                stream_grad_norm,
+                torch.stack(self._param_grad_norm).to(stream_grad_norm),
+                torch.stack(update_ratio).to(stream_grad_norm),
+                sums["cos"] / sums["tokens"],
+                sums["entropy"] / sums["sequences"],
+            ]
+        ).tolist()
         values = dict(zip(METRICS, table, strict=True))
         n_blocks = len(table[0])
         log_scalars(
@@ -182,7 +239,7 @@ class LayerStatsMonitor(L.Callback):
             self._step,
         )
         writers = [log.experiment for log in trainer.loggers if isinstance(log, TensorBoardLogger)]
-        if self.image and writers:
+        if self.image and writers and trainer.is_global_zero:
             self._draw_in_background(writers, values, self._step)
 
     def _draw_in_background(self, writers: list, values: dict[str, list[float]], step: int) -> None:

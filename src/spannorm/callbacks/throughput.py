@@ -12,6 +12,9 @@ known GPU, else a matmul probe at train start (CPU: what this machine actually r
 Rates are averaged over windows of `every_n_steps` optimizer steps, opened after `warmup_steps`
 steps; validation time inside a window is subtracted. CUDA is synchronized only at window edges.
 (Lightning's own ThroughputMonitor synchronizes every batch and needs a full window first.)
+Under data parallelism the tokens are those of every process (summed at window edges, so every
+micro batch of the global batch counts); tflops and mfu are per device (the total over the
+`world_size` processes divided by it), peak memory the highest of any process.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from spannorm.callbacks import log_scalars
+from spannorm.callbacks import log_scalars, sum_over_processes
 from spannorm.model.moe import MoE
 
 # dense bf16 tensor-core peak per GPU, FLOP/s (NVIDIA datasheets; H100/H200: SXM)
@@ -86,8 +89,9 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 class ThroughputMonitor(L.Callback):
-    """Every `every_n_steps` optimizer steps: throughput/tokens_per_sec, step_time_ms, tflops
-    (achieved model TFLOP/s), mfu, peak_tflops (the MFU denominator) and peak_memory_mib."""
+    """Every `every_n_steps` optimizer steps: throughput/tokens_per_sec (all processes),
+    tokens_per_sec_per_device, step_time_ms, tflops (achieved model TFLOP/s per device), mfu,
+    peak_tflops (the MFU denominator, per device) and peak_memory_mib (the highest process)."""
 
     def __init__(
         self, every_n_steps: int = 10, warmup_steps: int = 2, peak_flops: float | None = None
@@ -123,15 +127,20 @@ class ThroughputMonitor(L.Callback):
         if step % self.every_n_steps or step == self._window_step:
             return
         elapsed = synchronized_clock(pl_module.device) - self._window_time
-        tokens_per_sec = self._tokens / elapsed
+        tokens = float(sum_over_processes(trainer, torch.tensor(float(self._tokens))))
+        memory = torch.tensor(peak_memory_mib(pl_module.device))
+        memory = float(trainer.strategy.reduce(memory.to(pl_module.device), reduce_op="max"))
+        tokens_per_sec = tokens / elapsed
+        devices = trainer.world_size
         flops_per_sec = tokens_per_sec * flops_per_token(pl_module.model, batch[0].shape[1])
         metrics = {
             "throughput/tokens_per_sec": tokens_per_sec,
+            "throughput/tokens_per_sec_per_device": tokens_per_sec / devices,
             "throughput/step_time_ms": 1e3 * elapsed / (step - self._window_step),
-            "throughput/tflops": flops_per_sec / 1e12,
-            "throughput/mfu": flops_per_sec / self.peak,
+            "throughput/tflops": flops_per_sec / devices / 1e12,
+            "throughput/mfu": flops_per_sec / devices / self.peak,
             "throughput/peak_tflops": self.peak / 1e12,
-            "throughput/peak_memory_mib": peak_memory_mib(pl_module.device),
+            "throughput/peak_memory_mib": memory,
         }
         log_scalars(trainer, metrics, step - 1)  # the last batch's step, as `train/loss` uses
         self._open_window(step, pl_module.device)

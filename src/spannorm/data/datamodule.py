@@ -154,6 +154,7 @@ class TextDataModule(L.LightningDataModule):
         seq_len: int = 128,
         batch_size: int = 16,
         eval_batch_size: int | None = None,
+        global_batch_size: int | None = None,
         separator: str = "\n\n",
         append_eos: bool = False,
         sample_by: str = "paragraph",
@@ -178,6 +179,7 @@ class TextDataModule(L.LightningDataModule):
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
+        self.global_batch_size = global_batch_size  # the CLI derives accumulation from it
         self.separator = separator
         self.append_eos = append_eos
         self.sample_by = sample_by
@@ -221,10 +223,15 @@ class TextDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # shuffled by (seed, epoch) and resumable in mid-epoch: see .sampling
-        shuffle_order = EpochShuffle(self.train_set, self.seed)
+        shuffle_order = EpochShuffle(self.train_set, self.seed, **self._data_parallel_rank())
         return self._loader(
             self.train_set, self.batch_size, ResumableLoader, sampler=shuffle_order, drop_last=True
         )
+
+    def _data_parallel_rank(self) -> dict[str, int]:
+        """This process's place among the data-parallel ones: {num_replicas, rank}."""
+        strategy = getattr(self.trainer, "strategy", None)
+        return getattr(strategy, "distributed_sampler_kwargs", None) or {}
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, shuffle=False, drop_last=False)

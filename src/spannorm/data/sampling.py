@@ -8,22 +8,30 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
-class EpochShuffle(RandomSampler):
-    """A `RandomSampler` whose permutation depends only on (seed, epoch): Lightning calls
-    `set_epoch` at the start of every epoch, including the one a resumed run continues. Being a
-    `RandomSampler`, it is replaced by Lightning's seeded `DistributedSampler` under DDP."""
+class EpochShuffle(DistributedSampler):
+    """The training order: one permutation of the blocks per (seed, epoch), the same whatever the
+    number of processes. Process `rank` of `num_replicas` takes every `num_replicas`-th index of it
+    from position `rank` (the blocks that do not divide evenly are left out), so the batches of
+    all ranks at one step are the batch of a single process with `num_replicas` times its size,
+    and gradient accumulation over micro batches sees the same global batch. Lightning calls
+    `set_epoch` at every epoch start (a resumed one included) and, this being a
+    `DistributedSampler`, leaves it in place under DDP and FSDP."""
 
-    def __init__(self, data_source: Sized, seed: int) -> None:
-        super().__init__(data_source, generator=torch.Generator())
+    def __init__(self, data_source: Sized, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(
+            data_source, num_replicas=num_replicas, rank=rank, shuffle=True, drop_last=True
+        )
         self.seed = seed
-        self.set_epoch(0)
 
-    def set_epoch(self, epoch: int) -> None:
-        (epoch_seed,) = np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)
-        self.generator.manual_seed(int(epoch_seed))
+    def __iter__(self) -> Iterator[int]:
+        (epoch_seed,) = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)
+        order = torch.randperm(
+            len(self.dataset), generator=torch.Generator().manual_seed(int(epoch_seed))
+        )
+        return iter(order[: self.total_size][self.rank :: self.num_replicas].tolist())
 
 
 class ResumableLoader(DataLoader):
