@@ -78,7 +78,6 @@ class LanguageModel(L.LightningModule):
         self.model = TransformerLM(model_config(model_options))
         self.val_loss = MeanMetric()
         self._model_configured = False
-        self._grad_norm: torch.Tensor | None = None  # this step's, for train/grad_norm
 
     def configure_model(self) -> None:
         """Activation checkpointing, compilation and, under `ModelParallelStrategy`, FSDP2 over
@@ -112,24 +111,24 @@ class LanguageModel(L.LightningModule):
         logits = self.model(x)
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
+    def logger_writes(self) -> bool:
+        """Whether the logger writes this training step's metrics (every
+        `trainer.log_every_n_steps`, or at a stop): train/lr and train/grad_norm, which only the
+        logger reads, are logged at those steps only, since each `self.log` costs about 1 ms of
+        Lightning's bookkeeping per step on CPU (docs/performance.md). (A callback that stopped the
+        run in the middle of a step would get the last logged values written at that step.)"""
+        return self.trainer._logger_connector.should_update_logs  # as Lightning's lr monitor
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True)  # every step: the progress bar shows it
+        if self.logger_writes():
+            self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         aux = self.model.aux_loss()
         if aux is not None:
             self.log("train/aux_loss", aux)
             return loss + aux
         return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        """train/lr and train/grad_norm, logged only at the steps the logger writes (every
-        `trainer.log_every_n_steps`, or when the run stops): nothing else reads them, and each
-        `self.log` costs ~1 ms of Lightning's bookkeeping per step (docs/performance.md). Here,
-        after every other hook of the step, the logger's decision for this step is final."""
-        if self.trainer._logger_connector.should_update_logs:  # as Lightning's LearningRateMonitor
-            self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
-            if self._grad_norm is not None:
-                self.log("train/grad_norm", self._grad_norm)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self.val_loss.update(self.loss(batch), weight=batch[0].shape[0])
@@ -143,12 +142,12 @@ class LanguageModel(L.LightningModule):
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ) -> None:
-        """Keep the gradient norm (before clipping) for train/grad_norm and clip by norm with that
-        same norm: one norm computation per step instead of one for the log and one inside
-        clip_grad_norm_."""
+        """Log train/grad_norm (before clipping) and clip by norm with that same norm: one norm
+        computation per step instead of one for the log and one inside clip_grad_norm_."""
         params = [p for p in self.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        self._grad_norm = norm
+        if self.logger_writes():
+            self.log("train/grad_norm", norm)
         if gradient_clip_algorithm in (None, "norm"):
             if gradient_clip_val:
                 torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
