@@ -3,6 +3,9 @@ work), and its interval for the median ratio."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -11,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from spannorm.analysis.benchmark import BareLoop, median_interval
 from spannorm.lm import LanguageModel
+from spannorm.model.layers import rope_tables, rotate
 
 MODEL = {"vocab_size": 64, "d_model": 32, "n_heads": 2, "n_layers": 2, "max_seq_len": 16}
 OPTIM = optim_options(lr=3e-2, warmup_steps=2)
@@ -68,3 +72,29 @@ def test_median_interval():
     assert (low, high) == (2, 8) and confidence == pytest.approx(1 - 20 / 512)
     # n = 3: only the extremes, with confidence 1 - 2/8
     assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0, 0.75)
+
+
+def load_benchmark_model():
+    """scripts/benchmark_model.py as a module (scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_model.py"
+    spec = importlib.util.spec_from_file_location("benchmark_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_model_reference_rope_is_ours_and_the_script_runs(capsys):
+    """The minimal reference's textbook RoPE rotates exactly as our attention does (else
+    `ours gelu / minimal rope` would compare different models), and a tiny run reports every arm
+    and ratio."""
+    bench = load_benchmark_model()
+    reference = bench.MinimalGPT(vocab=32, d=16, layers=1, heads=2, seq=5, rope=True)
+    x = torch.randn(2, 2, 5, 8)  # [B, H, T, hd]
+    torch.testing.assert_close(
+        bench.rotate_half(x, reference.cos, reference.sin), rotate(x, *rope_tables(8, 0, 5, 1e4))
+    )
+    tiny = "--d-model 16 --n-layers 1 --n-heads 2 --seq-len 8 --batch 2 --vocab 32"
+    bench.main([*tiny.split(), "--rounds", "2", "--steps", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    for name in [*bench.ARMS, *bench.RATIOS]:
+        assert f"| {name} |" in out, name

@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_entry, tiny_overrides
+from conftest import optim_options, run_entry, tiny_overrides
 from lightning.fabric.utilities.throughput import measure_flops
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_cli import compose_train
@@ -218,3 +218,63 @@ def test_nan_loss_stops_with_one_line_error_and_a_loadable_last_good_checkpoint(
     weights = LanguageModel.load_from_checkpoint(checkpoint, map_location="cpu").state_dict()
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert read_scalars(tmp_path)["train/diverged"] == [(7, 1.0)]
+
+
+class StepLogger(L.pytorch.loggers.Logger):
+    """Test-only: the metrics Lightning writes, by step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: dict[int, dict[str, float]] = {}
+
+    name, version = "steps", 0
+
+    @property
+    def experiment(self):
+        return None
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.written.setdefault(step, {}).update(metrics)
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_lr_and_grad_norm_are_written_at_every_logging_step(every):
+    """train/lr and train/grad_norm are only logged at the steps the logger writes (to spare
+    Lightning's per-call cost): each such step must still carry both, with that step's values."""
+    tokens = torch.randint(0, 60, (7, 2, 9), generator=torch.Generator().manual_seed(0))
+    data = [(t[:, :-1], t[:, 1:]) for t in tokens]
+    lm = LanguageModel(
+        optim=optim_options(warmup_steps=4),
+        vocab_size=60,
+        d_model=16,
+        n_layers=1,
+        n_heads=2,
+        max_seq_len=8,
+    )
+    logger, lrs = StepLogger(), []
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=7,
+        log_every_n_steps=every,
+        logger=logger,
+        gradient_clip_val=1.0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[
+            L.pytorch.callbacks.LambdaCallback(
+                on_train_batch_start=lambda tr, *_: lrs.append(
+                    tr.optimizers[0].param_groups[0]["lr"]
+                )
+            )
+        ],
+    )
+    trainer.fit(lm, torch.utils.data.DataLoader(data, batch_size=None))
+    expected = [step for step in range(7) if (step + 1) % every == 0]
+    assert sorted(logger.written) == expected
+    for step in expected:
+        assert logger.written[step]["train/lr"] == pytest.approx(lrs[step], rel=1e-6)
+        assert logger.written[step]["train/grad_norm"] > 0

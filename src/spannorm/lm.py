@@ -95,6 +95,14 @@ class LanguageModel(L.LightningModule):
         logits = self.model(x)
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
+    def logger_writes(self) -> bool:
+        """Whether the logger writes this training step's metrics (every
+        `trainer.log_every_n_steps`, or at a stop): train/lr and train/grad_norm, which only the
+        logger reads, are logged at those steps only, since each `self.log` costs about 1 ms of
+        Lightning's bookkeeping per step on CPU (docs/performance.md). (A callback that stopped the
+        run in the middle of a step would get the last logged values written at that step.)"""
+        return self.trainer._logger_connector.should_update_logs  # as Lightning's lr monitor
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
         self._step_losses["train/loss"].append(loss.detach())
@@ -106,14 +114,16 @@ class LanguageModel(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Log train/loss (and train/aux_loss) of the step's whole global batch: the mean over
-        its micro batches (gradient accumulation) and over the processes, and train/lr."""
+        its micro batches (gradient accumulation) and over the processes (every step: the progress
+        bar shows it), and train/lr where the logger writes."""
         for name, losses in self._step_losses.items():
             if losses:
                 self.log(
                     name, torch.stack(losses).mean(), prog_bar=name == "train/loss", sync_dist=True
                 )
             losses.clear()
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        if self.logger_writes():
+            self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self.val_loss.update(self.loss(batch), weight=batch[0].shape[0])
@@ -131,7 +141,8 @@ class LanguageModel(L.LightningModule):
         computation per step instead of one for the log and one inside clip_grad_norm_."""
         params = [p for p in self.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        self.log("train/grad_norm", norm)
+        if self.logger_writes():
+            self.log("train/grad_norm", norm)
         if gradient_clip_algorithm in (None, "norm"):
             if gradient_clip_val:
                 torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)

@@ -11,21 +11,25 @@ from spannorm.model.norms import make_norm
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding on [B, H, T, hd]: (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos)."""
+    """Rotary embedding on [B, H, T, hd] with the halves (x1, x2) paired:
+    (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos), computed as x * cos + (x2, x1) * sin with the
+    tables of `rope_tables` ([cos, cos] and [-sin, sin]): the same values, in fewer passes."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return x * cos + torch.cat((x2, x1), dim=-1) * sin
 
 
 def rope_tables(
-    head_dim: int, start: int, length: int, theta: float, device: torch.device
+    head_dim: int, start: int, length: int, theta: float, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position p * theta^(-2i/hd) for positions start..start+length-1."""
+    """`rotate`'s tables for positions start..start+length-1, each [length, head_dim]:
+    [cos, cos] and [-sin, sin] of the angles p * theta^(-2i/hd), i < hd/2."""
     inv_freq = theta ** (
         -torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
     )
     positions = torch.arange(start, start + length, device=device, dtype=torch.float32)
     angles = torch.outer(positions, inv_freq)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 class KVCache:
@@ -66,11 +70,26 @@ class CausalSelfAttention(nn.Module):
             else None
         )
         self.kv_cache: KVCache | None = None
+        # the rotary tables of positions 0..max_seq_len-1, computed once (not saved: derived)
+        cos, sin = rope_tables(self.head_dim, 0, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables of positions start..start+length-1: slices of the stored ones, or
+        computed afresh beyond them or if a cast of the module changed their dtype."""
+        if start + length <= self.rope_cos.shape[0] and self.rope_cos.dtype == torch.float32:
+            return self.rope_cos[start : start + length], self.rope_sin[start : start + length]
+        return rope_tables(self.head_dim, start, length, self.rope_theta, self.rope_cos.device)
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Project to per-head q, k, v of shape [B, H, T, hd], normalized if configured."""
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        B, T, D = x.shape
+        # split + transpose: views of the projection, whose backward is one cat into its layout
+        q, k, v = (
+            t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+            for t in self.qkv(x).split(D, dim=-1)
+        )
         if self.qkv_norms is not None:
             q, k, v = (norm(t) for norm, t in zip(self.qkv_norms, (q, k, v), strict=True))
         return q, k, v
@@ -79,7 +98,7 @@ class CausalSelfAttention(nn.Module):
         B, T, D = x.shape
         q, k, v = self.heads(x)
         start = self.kv_cache.length if self.kv_cache is not None else 0
-        cos, sin = rope_tables(self.head_dim, start, T, self.rope_theta, x.device)
+        cos, sin = self.rope(start, T)
         q, k = rotate(q, cos, sin).type_as(v), rotate(k, cos, sin).type_as(v)
         mask = None
         if self.kv_cache is not None:
