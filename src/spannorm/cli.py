@@ -112,15 +112,19 @@ def output_dir(cfg: DictConfig) -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def run_config_of(checkpoint: Path) -> DictConfig:
-    """The config saved by Hydra with the run that wrote `checkpoint`."""
+def run_dir_of(checkpoint: Path) -> Path:
+    """The directory of the run that wrote `checkpoint`: the nearest one above with `.hydra/`."""
     for parent in checkpoint.resolve().parents:
-        saved = parent / ".hydra" / "config.yaml"
-        if saved.is_file():
-            return OmegaConf.load(saved)
+        if (parent / ".hydra" / "config.yaml").is_file():
+            return parent
     raise FileNotFoundError(
         f"no .hydra/config.yaml above {checkpoint}; is it inside a run directory?"
     )
+
+
+def run_config_of(checkpoint: Path) -> DictConfig:
+    """The config saved by Hydra with the run that wrote `checkpoint`."""
+    return OmegaConf.load(run_dir_of(checkpoint) / ".hydra" / "config.yaml")
 
 
 def build_datamodule(data_cfg: DictConfig):
@@ -256,9 +260,15 @@ def load_model(ckpt_path: str):
     return checkpoint, LanguageModel.load_from_checkpoint(checkpoint, map_location="cpu")
 
 
-def evaluate(cfg: DictConfig) -> float:
-    """Validation loss and perplexity of a checkpoint on its run's validation data."""
+def evaluate(cfg: DictConfig) -> float | dict[str, float]:
+    """Validation loss and perplexity of a checkpoint on its run's validation data; with `tasks`,
+    its downstream results with lm-evaluation-harness (`spannorm.evaluation`)."""
     import lightning as L
+
+    if cfg.get("tasks"):
+        from spannorm.evaluation import run_tasks
+
+        return run_tasks(cfg)
 
     checkpoint, lm = load_model(cfg.ckpt_path)
     run_cfg = run_config_of(checkpoint)
