@@ -201,14 +201,15 @@ def train(cfg: DictConfig) -> float:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from spannorm.checkpointing import LastCheckpoint
+    from spannorm.loggers import instantiate_loggers
 
     check_train_config(cfg)
     datamodule = instantiate(cfg.data)  # checks the data options; builds nothing yet
     L.seed_everything(cfg.seed, workers=True)
     stopper = LastCheckpoint(cfg.checkpoint_every_n_steps)
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer = instantiate(cfg.trainer, callbacks=[*callbacks, stopper], logger=logger)
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer = instantiate(cfg.trainer, callbacks=[*callbacks, stopper], logger=loggers or False)
     run_dir = output_dir(cfg)
     resume = checkpoint_to_resume(cfg.resume, run_dir)
     prepare_data(datamodule)
@@ -218,7 +219,7 @@ def train(cfg: DictConfig) -> float:
             f"{datamodule.vocab_size} ids; raise model.vocab_size"
         )
     lm = instantiate(cfg.model)
-    if logger:
+    for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
         trainer.fit(lm, datamodule=datamodule, ckpt_path=resume)
