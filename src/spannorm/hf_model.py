@@ -36,7 +36,9 @@ class SpannormConfig(PretrainedConfig):
         self.num_hidden_layers = cfg.n_layers
         self.num_attention_heads = cfg.n_heads
         self.max_position_embeddings = cfg.max_seq_len
-        kwargs.setdefault("tie_word_embeddings", cfg.tie_embeddings)
+        # transformers honours the model's shared weights (`_tied_weights_keys`) only when this is
+        # set; which weights are shared is the model's own business (see SpannormForCausalLM)
+        kwargs["tie_word_embeddings"] = True
         super().__init__(**kwargs)
 
     @classmethod
@@ -44,18 +46,32 @@ class SpannormConfig(PretrainedConfig):
         return cls(spannorm=asdict(cfg), **kwargs)
 
 
+def shared_weights(module: torch.nn.Module) -> dict[str, str]:
+    """{alias: first name} for every parameter reachable under several names (the LM head tied to
+    the embedding, a norm registered in two places), as transformers' `_tied_weights_keys`."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            aliases[name] = first[id(parameter)]
+        else:
+            first[id(parameter)] = name
+    return aliases
+
+
 class SpannormForCausalLM(PreTrainedModel, GenerationMixin):
-    """`model` is the TransformerLM (its state-dict keys are the package's, under `model.`)."""
+    """`model` is the TransformerLM (its state-dict keys are the package's, under `model.`); the
+    weights it shares between modules are declared to transformers as tied, found at build time."""
 
     config_class = SpannormConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    _tied_weights_keys = {"model.head.weight": "model.tok_emb.weight"}
     _supports_cache_class = False
 
     def __init__(self, config: SpannormConfig) -> None:
         super().__init__(config)
         self.model = TransformerLM(TransformerConfig(**config.spannorm))
+        self._tied_weights_keys = shared_weights(self)
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
