@@ -13,6 +13,7 @@ from conftest import run_entry
 from torch.nn.functional import log_softmax
 
 from spannorm.analysis.compare import compare
+from spannorm.analysis.local_tasks import write_local_tasks
 from spannorm.checkpointing import load_trained
 from spannorm.generate import generate
 from spannorm.tb import read_scalars
@@ -165,3 +166,16 @@ def test_results_reach_tensorboard_and_compare_runs(evaluated, trained_run, tmp_
     assert "eval/tiny_ppl/bits_per_byte" in scalars
     table = compare([trained_run], "model.norm", tmp_path)[0].read_text()
     assert "tiny_mc/acc" in table and "## Downstream tasks" in table
+
+
+def test_local_tasks_from_held_out_text_ask_for_the_true_next_line(tiny_corpus, tmp_path):
+    text = tiny_corpus["validation"].read_text()
+    names = write_local_tasks(text, tmp_path, "play", n=20, seed=3)
+    assert names == ["play_next_line", "play_ppl"]
+    rows = [json.loads(line) for line in (tmp_path / "play_next_line.jsonl").open()]
+    assert len(rows) == 20
+    for row in rows:
+        assert len(set(row["choices"])) == 4
+        true_line = row["choices"][row["answer"]]
+        assert row["context"] + true_line in text  # the context is followed by that very line
+    assert {row["answer"] for row in rows} == {0, 1, 2, 3}

@@ -224,12 +224,26 @@ def check_tasks(tasks: list[str], task_manager) -> None:
         )
 
 
+def task_manager_for(tasks: list[str], include_path: str | None):
+    """The harness's task index: only `include_path` when it holds every task asked for (indexing
+    the harness's thousands of built-in tasks takes longer than a small local evaluation), else
+    the built-in tasks too; fails in one line on names neither knows."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None:
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if all(local.match_tasks([task]) for task in tasks):
+            return local
+    task_manager = TaskManager(include_path=include_path)
+    check_tasks(tasks, task_manager)
+    return task_manager
+
+
 def run_tasks(cfg) -> dict[str, float]:
     """Evaluate a checkpoint on `cfg.tasks` with the harness; write the results as JSON in the
     run directory (`eval/<time>.json`) and as TensorBoard scalars `eval/<task>/<metric>` at the
     checkpoint's step; return the scalars."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
     from omegaconf import OmegaConf
     from torch.utils.tensorboard import SummaryWriter
 
@@ -239,8 +253,7 @@ def run_tasks(cfg) -> dict[str, float]:
     include_path = cfg.get("include_path")
     if include_path is not None and not Path(include_path).is_dir():
         raise FileNotFoundError(f"include_path={include_path!r} is not a folder of task YAMLs")
-    task_manager = TaskManager(include_path=include_path)
-    check_tasks(tasks, task_manager)
+    task_manager = task_manager_for(tasks, include_path)
     trained = load_trained(cfg.ckpt_path)
     checkpoint, step = trained.checkpoint, trained.step
     run_dir = run_dir_of(checkpoint)
