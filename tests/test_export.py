@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +136,24 @@ def test_a_non_empty_output_folder_is_refused_before_anything_is_written(trained
     with pytest.raises(UsageError, match="is not empty"):
         run_export(cfg)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_a_sharded_checkpoint_folder_exports_like_the_plain_checkpoint(trained_run, tmp_path):
+    """A folder in the layout ModelParallelStrategy writes (torch.distributed.checkpoint shards of
+    the state dict + meta.pt with the rest) is consolidated and exports the same weights."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=False)
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / ".hydra", run / ".hydra")
+    sharded = run / "checkpoints" / "last.ckpt"
+    dcp.save({"state_dict": checkpoint.pop("state_dict")}, checkpoint_id=sharded)
+    torch.save(checkpoint, sharded / "meta.pt")
+    for source, out in ((trained_run, "plain"), (sharded, "sharded")):
+        run_export(OmegaConf.create({"ckpt_path": str(source), "out": str(tmp_path / out)}))
+    plain, from_shards = (
+        load_file(tmp_path / out / "model.safetensors") for out in ("plain", "sharded")
+    )
+    assert plain.keys() == from_shards.keys()
+    assert all(torch.equal(plain[key], from_shards[key]) for key in plain)

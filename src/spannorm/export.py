@@ -131,7 +131,7 @@ def run_export(cfg) -> Path:
     from spannorm.cli import UsageError, console
 
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+    if out.exists() and any(out.iterdir()) and not cfg.get("overwrite", False):
         raise UsageError(
             f"out={str(out)!r} is not empty; choose a new folder or set overwrite=true"
         )
