@@ -9,12 +9,14 @@ import re
 
 import pytest
 import torch
-from conftest import run_entry
+from conftest import REPO
+from hydra import compose, initialize_config_dir
 from torch.nn.functional import log_softmax
 
 from spannorm.analysis.compare import compare
 from spannorm.analysis.local_tasks import write_local_tasks
 from spannorm.checkpointing import load_trained
+from spannorm.cli import evaluate
 from spannorm.generate import generate
 from spannorm.tb import read_scalars
 
@@ -39,7 +41,7 @@ def write_task(folder, name: str, rows: list[dict], **spec: str) -> None:
     lines = [
         f"task: {name}",
         "dataset_path: json",
-        f"dataset_kwargs: {{data_files: {{test: {data}}}}}",
+        f"dataset_kwargs: {{data_files: {{test: {data}}}, cache_dir: {folder / 'hf_cache'}}}",
         "test_split: test",
         *(f"{key}: {value}" for key, value in spec.items()),
     ]
@@ -71,7 +73,7 @@ def rolling_log_likelihood(model, tokens: list[int], eos: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def evaluated(trained_run, tmp_path_factory, monkeypatch_module):
+def evaluated(trained_run, tmp_path_factory):
     trained = load_trained(trained_run)
     model, tokenizer = trained.model, trained.tokenizer
     greedy = generate(model, torch.tensor([tokenizer.encode("ROMEO:\n")]), 6, temperature=0)
@@ -107,23 +109,20 @@ def evaluated(trained_run, tmp_path_factory, monkeypatch_module):
         generation_kwargs="{until: ['\\n'], max_gen_toks: 6, do_sample: false}",
         metric_list="[{metric: exact_match}]",
     )
-    monkeypatch_module.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch_module.setenv("HF_DATASETS_CACHE", str(tasks / "hf_cache"))
-    run_entry(
-        "eval.py",
-        f"ckpt_path={trained_run}",
-        "tasks=[tiny_mc,tiny_ppl,tiny_gen]",
-        f"include_path={tasks}",
-        "batch_size=4",
-    )
+    # what eval.py runs, in this process (the harness is slow to import), on the composed config
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        cfg = compose(
+            "eval",
+            [
+                f"ckpt_path={trained_run}",
+                "tasks=[tiny_mc,tiny_ppl,tiny_gen]",
+                f"include_path={tasks}",
+                "batch_size=4",
+            ],
+        )
+    evaluate(cfg)
     (report,) = (trained_run / "eval").glob("*.json")
     return trained, json.loads(report.read_text())
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
 
 
 def test_multiple_choice_accuracy_equals_the_models_own_log_probabilities(evaluated):

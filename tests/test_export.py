@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_entry
 from omegaconf import OmegaConf
 
 from spannorm.checkpointing import load_trained
@@ -62,7 +61,7 @@ def random_model(seed: int, **options) -> TransformerLM:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_corpus, trained_run) -> dict[str, dict]:
     """Export the nine placements (one with a BPE tokenizer), an MoE model and the trained run
-    (through export.py), then load them all in one transformers-only process."""
+    (what export.py runs), then load them all in one transformers-only process."""
     root = tmp_path_factory.mktemp("exported")
     bpe = BPETokenizer.train([tiny_corpus["train"].read_text()], vocab_size=300)
     folders = []
@@ -80,7 +79,7 @@ def exported(tmp_path_factory, tiny_corpus, trained_run) -> dict[str, dict]:
                 buffer.copy_(torch.randn(4))
     folders.append(export_model(moe, ByteTokenizer(), root / "moe"))
     save_expected(folders[-1], moe, ByteTokenizer(), 99)
-    run_entry("export.py", f"ckpt_path={trained_run}", f"out={root / 'trained'}")
+    run_export(OmegaConf.create({"ckpt_path": str(trained_run), "out": str(root / "trained")}))
     trained = load_trained(trained_run)
     folders.append(root / "trained")
     save_expected(folders[-1], trained.model, trained.tokenizer, 7)
