@@ -19,8 +19,18 @@ from pathlib import Path
 from spannorm.analysis.compare import Run
 from spannorm.callbacks.layer_stats import METRICS
 
-KEYS = ["model.norm", "model.n_layers", "model.d_model", "model.alpha", "optim.lr",
-        "optim.warmup_steps", "seed", "trainer.max_steps", "data.batch_size", "data.seq_len"]
+KEYS = [
+    "model.norm",
+    "model.n_layers",
+    "model.d_model",
+    "model.alpha",
+    "optim.lr",
+    "optim.warmup_steps",
+    "seed",
+    "trainer.max_steps",
+    "data.batch_size",
+    "data.seq_len",
+]
 
 
 def escape_step(train_loss: list[tuple[int, float]], threshold: float) -> int | None:
@@ -51,8 +61,9 @@ def summarize(run_dir: Path, baseline: float, margin: float = 0.3) -> dict:
         "unigram_baseline": baseline,
         "escape_margin": margin,
         # the callback's per-batch value where it ran; else from the logged train/loss points
-        "plateau_escape_step": int(logged[0][1]) if logged else
-        escape_step(train_loss, baseline - margin),
+        "plateau_escape_step": int(logged[0][1])
+        if logged
+        else escape_step(train_loss, baseline - margin),
         "median_tokens_per_sec": run.median_tokens_per_sec,
         "train_loss": train_loss,
         "val_loss": run.scalars.get("val/loss", []),
@@ -66,20 +77,29 @@ def summarize(run_dir: Path, baseline: float, margin: float = 0.3) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--baseline", type=float, required=True,
-                        help="the unigram baseline (nats) printed by the run")
+    parser.add_argument(
+        "--baseline",
+        type=float,
+        required=True,
+        help="the unigram baseline (nats) printed by the run",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     summary = summarize(args.run_dir, args.baseline)
     if not summary["complete"]:
-        raise SystemExit(f"{args.run_dir} stopped at step {summary['last_step']} before its "
-                         "max_steps; continue it (resume=auto) before summarizing it")
+        raise SystemExit(
+            f"{args.run_dir} stopped at step {summary['last_step']} before its "
+            "max_steps; continue it (resume=auto) before summarizing it"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(summary, default=lambda v: None if v is None else str(v))
     args.out.write_text(text.replace("NaN", "null") + "\n")
-    print(f"{args.out}: final val loss {summary['final_val_loss']:.4f}, escape step "
-          f"{summary['plateau_escape_step']}" if not math.isnan(summary["final_val_loss"]) else
-          f"{args.out}: no validation")
+    print(
+        f"{args.out}: final val loss {summary['final_val_loss']:.4f}, escape step "
+        f"{summary['plateau_escape_step']}"
+        if not math.isnan(summary["final_val_loss"])
+        else f"{args.out}: no validation"
+    )
 
 
 if __name__ == "__main__":
