@@ -239,15 +239,33 @@ def task_manager_for(tasks: list[str], include_path: str | None):
     return task_manager
 
 
+def evaluate_with_harness(lm: SpannormLM, tasks: list[str], task_manager, cfg) -> dict:
+    """The harness's `simple_evaluate` with eval.py's options."""
+    import lm_eval
+
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=cfg.num_fewshot,
+        limit=cfg.limit,
+        task_manager=task_manager,
+        log_samples=False,
+        random_seed=cfg.seed,
+        numpy_random_seed=cfg.seed,
+        torch_random_seed=cfg.seed,
+        fewshot_random_seed=cfg.seed,
+        bootstrap_iters=cfg.bootstrap_iters,
+    )
+
+
 def run_tasks(cfg) -> dict[str, float]:
     """Evaluate a checkpoint on `cfg.tasks` with the harness; write the results as JSON in the
     run directory (`eval/<time>.json`) and as TensorBoard scalars `eval/<task>/<metric>` at the
     checkpoint's step; return the scalars."""
-    import lm_eval
     from omegaconf import OmegaConf
     from torch.utils.tensorboard import SummaryWriter
 
-    from spannorm.cli import console, run_dir_of
+    from spannorm.cli import UsageError, console, run_dir_of
 
     tasks = list(cfg.tasks)
     include_path = cfg.get("include_path")
@@ -261,19 +279,13 @@ def run_tasks(cfg) -> dict[str, float]:
     lm = SpannormLM(
         trained.model, trained.tokenizer, batch_size=cfg.batch_size, device=device, seed=cfg.seed
     )
-    output = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=cfg.num_fewshot,
-        limit=cfg.limit,
-        task_manager=task_manager,
-        log_samples=False,
-        random_seed=cfg.seed,
-        numpy_random_seed=cfg.seed,
-        torch_random_seed=cfg.seed,
-        fewshot_random_seed=cfg.seed,
-        bootstrap_iters=cfg.bootstrap_iters,
-    )
+    try:
+        output = evaluate_with_harness(lm, tasks, task_manager, cfg)
+    except ConnectionError as error:  # a task's dataset is on the hub and the hub is unreachable
+        raise UsageError(
+            f"{error.args[0] if error.args else error}: the task's data must be downloaded once "
+            "(network); offline, evaluate on local task files with include_path=<folder>"
+        ) from error
     scalars = scalars_of(output["results"])
     out_dir = run_dir / "eval"
     out_dir.mkdir(exist_ok=True)
