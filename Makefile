@@ -12,7 +12,7 @@ ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,sweeps]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,sweeps,eval,loggers]'
 	touch $(STAMP)
 
 install: $(STAMP)

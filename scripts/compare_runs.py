@@ -1,5 +1,6 @@
 """Compare runs: a markdown table (settings that differ, final and best val loss, steps, tokens/s,
-divergence, loss spikes), loss curves and the final val loss per group.
+divergence, loss spikes), loss curves, the final val loss per group and, for runs evaluated with
+`eval.py tasks=[...]`, their downstream metrics (eval/).
 
     .venv/bin/python scripts/compare_runs.py outputs/multirun/<sweep> --group-by model.norm
     .venv/bin/python scripts/compare_runs.py outputs/sweeps/lr/* --pivot optim.lr

@@ -89,3 +89,23 @@ def run_entry(
     if check and result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_corpus, tmp_path_factory) -> Path:
+    """One short training run shared by the evaluation, export and logger tests: the tiny model,
+    validated twice, per-block statistics every 10 steps, logged to tensorboard, csv and wandb
+    (offline) at once."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    run_entry(
+        "train.py",
+        *tiny_overrides(
+            tiny_corpus,
+            "trainer.max_steps=20",
+            "trainer.val_check_interval=10",
+            "callbacks.layer_stats.every_n_steps=10",
+            "logger=[tensorboard,csv,wandb]",
+            f"hydra.run.dir={run_dir}",
+        ),
+    )
+    return run_dir

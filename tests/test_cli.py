@@ -44,7 +44,11 @@ def test_every_config_group_composes_and_instantiates(tiny_corpus, tmp_path):
         assert instantiate(cfg.data).__class__.__name__ == "TextDataModule"
     cfg = compose_train(base)
     assert type(instantiate(cfg.model)).__name__ == "LanguageModel"
-    assert instantiate(cfg.logger).log_dir
+    assert instantiate(cfg.logger.tensorboard).log_dir
+    loggers = group_options("logger")
+    cfg = compose_train([*base, f"logger=[{','.join(loggers)}]"])
+    assert sorted(cfg.logger) == loggers
+    assert all(instantiate(conf).save_dir == str(tmp_path) for conf in cfg.logger.values())
     assert all(instantiate(c) for c in cfg.callbacks.values() if c is not None)
     for experiment in group_options("experiment"):
         assert compose_train([*base, f"experiment={experiment}"]).model.n_layers > 0

@@ -25,7 +25,7 @@ import torch
 from conftest import REPO, tiny_overrides
 from torch.testing import assert_close
 
-from spannorm.parallel import consolidate_checkpoint
+from spannorm.checkpointing import consolidate_checkpoint
 from spannorm.tb import read_scalars
 
 GLOBAL_BATCH, SEQ_LEN, STEPS = 16, 32, 4

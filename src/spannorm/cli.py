@@ -184,15 +184,19 @@ def output_dir(cfg: DictConfig) -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def run_config_of(checkpoint: Path) -> DictConfig:
-    """The config saved by Hydra with the run that wrote `checkpoint`."""
+def run_dir_of(checkpoint: Path) -> Path:
+    """The directory of the run that wrote `checkpoint`: the nearest one above with `.hydra/`."""
     for parent in checkpoint.resolve().parents:
-        saved = parent / ".hydra" / "config.yaml"
-        if saved.is_file():
-            return OmegaConf.load(saved)
+        if (parent / ".hydra" / "config.yaml").is_file():
+            return parent
     raise FileNotFoundError(
         f"no .hydra/config.yaml above {checkpoint}; is it inside a run directory?"
     )
+
+
+def run_config_of(checkpoint: Path) -> DictConfig:
+    """The config saved by Hydra with the run that wrote `checkpoint`."""
+    return OmegaConf.load(run_dir_of(checkpoint) / ".hydra" / "config.yaml")
 
 
 def build_datamodule(data_cfg: DictConfig):
@@ -301,6 +305,7 @@ def train(cfg: DictConfig) -> float:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from spannorm.checkpointing import LastCheckpoint
+    from spannorm.loggers import instantiate_loggers
 
     with checking_input(MisconfigurationException):  # Lightning's word for a bad Trainer option
         check_train_config(cfg)
@@ -309,8 +314,8 @@ def train(cfg: DictConfig) -> float:
         datamodule = instantiate(cfg.data)  # checks the data options; builds nothing yet
         L.seed_everything(cfg.seed, workers=True)
         callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
-        logger = instantiate(cfg.logger) if cfg.get("logger") else False
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+        loggers = instantiate_loggers(cfg.get("logger"))
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         run_dir = output_dir(cfg)
         resume = checkpoint_to_resume(cfg.resume, run_dir)
         prepare_data(datamodule)
@@ -323,7 +328,7 @@ def train(cfg: DictConfig) -> float:
     if isinstance(trainer.accelerator, CPUAccelerator):
         keep_freed_memory()
     lm = instantiate(cfg.model)
-    if logger:
+    for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
         with job_processes(trainer, run_dir):
@@ -366,9 +371,15 @@ def load_model(ckpt_path: str):
     return checkpoint, LanguageModel.load_from_checkpoint(checkpoint, map_location="cpu")
 
 
-def evaluate(cfg: DictConfig) -> float:
-    """Validation loss and perplexity of a checkpoint on its run's validation data."""
+def evaluate(cfg: DictConfig) -> float | dict[str, float]:
+    """Validation loss and perplexity of a checkpoint on its run's validation data; with `tasks`,
+    its downstream results with lm-evaluation-harness (`spannorm.evaluation`)."""
     import lightning as L
+
+    if cfg.get("tasks"):
+        from spannorm.evaluation import run_tasks
+
+        return run_tasks(cfg)
 
     with checking_input():
         checkpoint, lm = load_model(cfg.ckpt_path)

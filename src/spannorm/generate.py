@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from spannorm.model.layers import KVCache
@@ -30,8 +32,10 @@ def generate(
     top_k: int | None = None,
     kv_cache: bool = True,
     generator: torch.Generator | None = None,
+    stop: Callable[[torch.Tensor], bool] | None = None,
 ) -> torch.Tensor:
-    """Extend `idx` [B, T] by `max_new_tokens` sampled tokens.
+    """Extend `idx` [B, T] by `max_new_tokens` sampled tokens, or fewer when `stop(idx)` (called
+    after each new token with the sequences so far) returns True.
 
     With `kv_cache` each new token costs one position of compute (the context may not exceed
     `max_seq_len`); without it the whole (cropped) context is recomputed every step.
@@ -56,6 +60,8 @@ def generate(
             token = next_token(logits, temperature, top_k, generator)
             idx = torch.cat((idx, token), dim=1)
             step_input = token
+            if stop is not None and stop(idx):
+                break
     finally:
         for attn in attentions:
             attn.kv_cache = None

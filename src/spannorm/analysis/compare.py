@@ -186,6 +186,25 @@ def runs_table(runs: list[Run], keys: list[str]) -> str:
     return markdown_table(header, rows)
 
 
+def eval_table(runs: list[Run]) -> str | None:
+    """One row per run, one column per downstream metric `eval/<task>/<metric>` (eval.py
+    tasks=[...]), its latest value; None when no run was evaluated."""
+    tags = sorted({tag for run in runs for tag in run.scalars if tag.startswith("eval/")})
+    if not tags:
+        return None
+    rows = [
+        [
+            run.name,
+            *(
+                format_number(run.values(tag)[-1] if tag in run.scalars else math.nan)
+                for tag in tags
+            ),
+        ]
+        for run in runs
+    ]
+    return markdown_table(["run", *(tag.removeprefix("eval/") for tag in tags)], rows)
+
+
 def group_runs(runs: list[Run], group_by: str) -> dict[str, list[Run]]:
     """Runs by their values of the settings in `group_by`: one dotted config key or override, or
     several separated by commas (the group's name joins their values with " / ")."""
@@ -432,6 +451,9 @@ def compare(
         "Over the runs that finished without diverging.\n\n"
         f"{groups_table(groups, group_by)}",
     ]
+    downstream = eval_table(runs)
+    if downstream is not None:
+        sections.append(f"## Downstream tasks (eval/)\n\n{downstream}")
     if pivot is not None:
         written.append(out / f"final_val_loss_by_{pivot}.png")
         plot_pivot(groups, group_by, pivot, written[-1])

@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 class HParamsSummary(L.Callback):
     """At the end of training, `params` (flat {name: value}; conf/callbacks/default.yaml picks
     the config keys) with the metric `hp/final_val_loss` = the last logged `val/loss` (NaN if
-    none), written by `TensorBoardLogger.log_hyperparams`."""
+    none), written by `TensorBoardLogger.log_hyperparams`; other loggers get the metric alone."""
 
     def __init__(self, params: dict[str, Any]):
         self.params = dict(params)
@@ -22,3 +22,5 @@ class HParamsSummary(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.log_hyperparams(self.params, metrics=metrics)
+            else:  # the other loggers have the whole config already; they get the metric
+                logger.log_metrics(metrics, step=trainer.global_step)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch.nn.utils import get_total_norm
@@ -54,6 +55,13 @@ def attention_entropy(attn: CausalSelfAttention, x: torch.Tensor) -> torch.Tenso
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     probs = scores.float().masked_fill(~causal, float("-inf")).softmax(dim=-1)
     return torch.special.entr(probs).sum(dim=-1).mean()
+
+
+def rgb_pixels(figure: Figure) -> np.ndarray:
+    """The figure rendered as an [H, W, 3] uint8 array."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 class LayerProfilePlot:
@@ -238,7 +246,12 @@ class LayerStatsMonitor(L.Callback):
             },
             self._step,
         )
-        writers = [log.experiment for log in trainer.loggers if isinstance(log, TensorBoardLogger)]
+        # images go to the loggers that take them: TensorBoard (a figure), W&B (`log_image`)
+        writers = [
+            log
+            for log in trainer.loggers
+            if isinstance(log, TensorBoardLogger) or hasattr(log, "log_image")
+        ]
         if self.image and writers and trainer.is_global_zero:
             self._draw_in_background(writers, values, self._step)
 
@@ -256,7 +269,10 @@ class LayerStatsMonitor(L.Callback):
         self._plot = self._plot or LayerProfilePlot(len(values["rms"]))
         figure = self._plot.update(values, step)
         for writer in writers:
-            writer.add_figure("layers/profile", figure, step, close=False)
+            if isinstance(writer, TensorBoardLogger):
+                writer.experiment.add_figure("layers/profile", figure, step, close=False)
+            else:
+                writer.log_image("layers/profile", [rgb_pixels(figure)], step=step)
 
     def _finish_drawing(self) -> Future | None:
         """Wait for the image in progress, so that it is written before the loggers close."""
