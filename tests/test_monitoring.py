@@ -243,7 +243,8 @@ class StepLogger(L.pytorch.loggers.Logger):
 @pytest.mark.parametrize("every", [1, 3])
 def test_lr_and_grad_norm_are_written_at_every_logging_step(every):
     """train/lr and train/grad_norm are only logged at the steps the logger writes (to spare
-    Lightning's per-call cost): each such step must still carry both, with that step's values."""
+    Lightning's per-call cost) and at the last step: each such step must carry both, with that
+    step's values."""
     tokens = torch.randint(0, 60, (7, 2, 9), generator=torch.Generator().manual_seed(0))
     data = [(t[:, :-1], t[:, 1:]) for t in tokens]
     lm = LanguageModel(
@@ -273,7 +274,8 @@ def test_lr_and_grad_norm_are_written_at_every_logging_step(every):
         ],
     )
     trainer.fit(lm, torch.utils.data.DataLoader(data, batch_size=None))
-    expected = [step for step in range(7) if (step + 1) % every == 0]
+    # every `every` steps, and at the last step (a run's final train/lr and grad_norm)
+    expected = [step for step in range(7) if (step + 1) % every == 0 or step == 6]
     assert sorted(logger.written) == expected
     for step in expected:
         assert logger.written[step]["train/lr"] == pytest.approx(lrs[step], rel=1e-6)

@@ -97,11 +97,15 @@ class LanguageModel(L.LightningModule):
 
     def logger_writes(self) -> bool:
         """Whether the logger writes this training step's metrics (every
-        `trainer.log_every_n_steps`, or at a stop): train/lr and train/grad_norm, which only the
+        `trainer.log_every_n_steps`, at a stop, and at the last step): train/lr and train/grad_norm, which only the
         logger reads, are logged at those steps only, since each `self.log` costs about 1 ms of
         Lightning's bookkeeping per step on CPU (docs/performance.md). (A callback that stopped the
         run in the middle of a step would get the last logged values written at that step.)"""
-        return self.trainer._logger_connector.should_update_logs  # as Lightning's lr monitor
+        trainer = self.trainer
+        last_step = 0 < trainer.max_steps <= trainer.global_step + 1
+        return (
+            trainer._logger_connector.should_update_logs or last_step
+        )  # as Lightning's lr monitor
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
