@@ -72,6 +72,7 @@ class SpannormForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = TransformerLM(TransformerConfig(**config.spannorm))
         self._tied_weights_keys = shared_weights(self)
+        self._rope_ready = False  # see forward
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
@@ -92,6 +93,11 @@ class SpannormForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> CausalLMOutput:
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("padded batches are not supported: the model has no padding mask")
+        if not self._rope_ready:  # from_pretrained builds on meta: the derived rotary tables are
+            for module in self.model.modules():  # recomputed once the weights are in place
+                if hasattr(module, "reset_rope"):
+                    module.reset_rope()
+            self._rope_ready = True
         logits = self.model(input_ids)
         loss = None
         if labels is not None:  # labels are the inputs; the model shifts them, as in transformers

@@ -75,6 +75,15 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    def reset_rope(self) -> None:
+        """Recompute the stored rotary tables in place: for a module built on the meta device and
+        then materialized (e.g. transformers' from_pretrained), where derived buffers, not being in
+        the state dict, hold whatever memory they were given."""
+        cos, sin = rope_tables(
+            self.head_dim, 0, self.rope_cos.shape[0], self.rope_theta, self.rope_cos.device
+        )
+        self.rope_cos, self.rope_sin = cos, sin
+
     def rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotary tables of positions start..start+length-1: slices of the stored ones, or
         computed afresh beyond them or if a cast of the module changed their dtype."""
