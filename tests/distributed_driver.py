@@ -4,6 +4,9 @@ last gradient norm (rank 0).
 
     python distributed_driver.py OUT reference                      # 1 process, batch 16
     torchrun --standalone --nproc-per-node 2 distributed_driver.py OUT ddp ddp_same_data ...
+
+Scenario `train_py` instead runs what `torchrun ... train.py trainer=ddp` runs, on the tiny corpus
+in OUT/corpus with an empty data cache, and writes each rank's number of split builds.
 """
 
 from __future__ import annotations
@@ -114,11 +117,47 @@ def fit(name: str, out: Path, world_size: int) -> None:
         torch.save({"weights": weights, "grad_norm": grad_norm}, out / f"{name}.pt")
 
 
+def train_py(out: Path, world_size: int) -> None:
+    """`spannorm.cli.train` (train.py) with trainer=ddp on `world_size` processes started together
+    on an empty data cache; saves OUT/train_py-rank<r>.pt: the splits this rank built, its loss."""
+    from conftest import tiny_overrides
+
+    from spannorm.cli import train
+    from spannorm.data import datamodule
+
+    builds = []
+    build_split = datamodule.build_split
+
+    def counted_build_split(*args, **kwargs) -> bool:
+        builds.append(build_split(*args, **kwargs))
+        return builds[-1]
+
+    datamodule.build_split = counted_build_split
+    corpus = {split: out / "corpus" / f"{split}.txt" for split in ("train", "validation")}
+    overrides = tiny_overrides(
+        {**corpus, "data_dir": out / "corpus" / "data"},
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        f"trainer.devices={world_size}",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        f"run_dir={out / 'train_py'}",
+    )
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("train", overrides=overrides)
+    val_loss = train(cfg)
+    result = {"builds": sum(builds), "val_loss": val_loss}
+    torch.save(result, out / f"train_py-rank{os.environ.get('RANK', 0)}.pt")
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     for name in sys.argv[2:]:
-        fit(name, out, world_size)
+        if name == "train_py":
+            train_py(out, world_size)
+        else:
+            fit(name, out, world_size)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def test_every_config_group_composes_and_instantiates(tiny_corpus, tmp_path):
     ]
     base = [f"run_dir={tmp_path}"]
     for data in group_options("data"):
-        extra = files if data in ("text", "json", "parquet") else []
+        extra = files if data in ("text", "json", "parquet", "tokens") else []
         extra += ["data.hub_name=some/dataset"] if data == "hub" else []
         cfg = compose_train([*base, f"data={data}", *extra])
         assert instantiate(cfg.data).__class__.__name__ == "TextDataModule"

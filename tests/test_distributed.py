@@ -4,6 +4,7 @@ checkpointing keeps the gradients and compilation keeps the checkpoint keys."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_corpus
 from distributed_driver import MAX_STEPS, MODEL, RESUME_CHECKPOINT
 from torch.testing import assert_close
 
@@ -32,10 +34,13 @@ def run_driver(launcher: list[str], out: Path, *scenarios: str) -> None:
 def runs(tmp_path_factory) -> Path:
     """A folder with the driver's results: reference.pt and one <scenario>.pt per 2-process run."""
     out = tmp_path_factory.mktemp("distributed")
+    (out / "corpus").mkdir()
+    write_corpus(out / "corpus" / "train.txt", 600, seed=0)
+    write_corpus(out / "corpus" / "validation.txt", 60, seed=1)
     run_driver([], out, "reference")
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     scenarios = [f"{s}{variant}" for s in STRATEGIES for variant in ("", "_same_data")]
-    run_driver(torchrun, out, *scenarios, "fsdp_resumed")
+    run_driver(torchrun, out, *scenarios, "fsdp_resumed", "train_py")
     return out
 
 
@@ -73,6 +78,14 @@ def test_a_consolidated_fsdp_checkpoint_loads_into_a_plain_model(runs):
     final = runs / "checkpoints" / f"step={MAX_STEPS}.ckpt"
     lm = LanguageModel.load_from_checkpoint(consolidate_checkpoint(final))
     assert_close(lm.model.state_dict(), result(runs, "fsdp")["weights"])
+
+
+def test_two_processes_on_an_empty_cache_build_it_once_and_both_train(runs):
+    ranks = [result(runs, f"train_py-rank{rank}") for rank in (0, 1)]
+    assert [rank["builds"] for rank in ranks] == [2, 0]  # train and validation, by rank 0 only
+    assert all(math.isfinite(rank["val_loss"]) for rank in ranks)
+    last = torch.load(runs / "train_py" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 2
 
 
 def test_activation_checkpointing_recomputes_blocks_and_keeps_gradients():

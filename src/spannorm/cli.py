@@ -45,19 +45,24 @@ INPUT_ERRORS = (
 )
 
 
-def _tokenizer_vocab(kind: str, size: int) -> int:
+def data_vocab(data: DictConfig, size: int | None = None) -> int:
+    """The model's vocab follows the data: see spannorm.data.data_vocab_size. (Configs saved
+    before it pass (tokenizer kind, vocab_size) instead of the data config.)"""
+    from spannorm.data import data_vocab_size
     from spannorm.data.tokenizer import ByteTokenizer
 
-    return ByteTokenizer.vocab_size if kind == "byte" else size
+    if isinstance(data, str):
+        return ByteTokenizer.vocab_size if data == "byte" else size
+    return data_vocab_size(data)
 
 
 def register_resolvers() -> None:
-    """The config's own interpolations, `${run_id:}` and `${tokenizer_vocab:...}`: call before
-    composing a config (`launch` does)."""
+    """The config's own interpolations, `${run_id:}`, `${tokenizer_vocab:...}` and `${product:}`:
+    call before composing a config (`launch` does)."""
     resolvers = {
         "run_id": lambda: RUN_ID,
-        # the model's vocab follows the tokenizer: fixed for `byte`, configured for `bpe`
-        "tokenizer_vocab": _tokenizer_vocab,
+        # the model's vocab follows the data: its tokenizer's, or its token files'
+        "tokenizer_vocab": data_vocab,
         "product": lambda *factors: math.prod(int(f) for f in factors),  # devices x nodes
     }
     for name, fn in resolvers.items():
@@ -204,13 +209,11 @@ def build_datamodule(data_cfg: DictConfig):
 
 
 def prepare_data(datamodule):
-    """Build (or load from the cache) the datamodule's corpus, tokenizer and tokens; a source that
-    cannot be reached (the corpus download, the hub) is reported as a one-line UsageError."""
-    try:
-        datamodule.prepare_data()
-        datamodule.setup("fit")
-    except (RuntimeError, ConnectionError) as error:
-        raise UsageError(error.args[0] if error.args else repr(error)) from error
+    """Build (or load from the cache) the datamodule's corpus, tokenizer and tokens, outside a
+    Trainer (eval, benchmarks); a source that cannot be reached (the corpus download, the hub)
+    raises ConnectionError, which `friendly_errors` reports in one line."""
+    datamodule.prepare_data()
+    datamodule.setup("fit")
     return datamodule
 
 
@@ -227,7 +230,7 @@ def check_train_config(cfg: DictConfig) -> None:
         {k: v for k, v in model_options.items() if k not in ("_target_", *TRAINING_OPTIONS)}
     )
     for key in ("seq_len", "batch_size", "vocab_size"):
-        if cfg.data[key] <= 0:
+        if cfg.data[key] is not None and cfg.data[key] <= 0:
             raise UsageError(f"data.{key}={cfg.data[key]} must be a positive integer")
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise UsageError(

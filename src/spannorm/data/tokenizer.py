@@ -1,4 +1,5 @@
-"""Tokenizers behind one interface: raw UTF-8 bytes, or a byte-level BPE trained locally."""
+"""Tokenizers behind one interface: raw UTF-8 bytes, a byte-level BPE trained locally, or any
+HuggingFace `tokenizers` file (`tokenizer.json`, e.g. GPT-2's or Llama's)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from spannorm.files import atomic_output
@@ -15,7 +16,9 @@ from spannorm.files import atomic_output
 log = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
-TOKENIZER_KINDS = ("bpe", "byte")
+# End-of-text tokens of common tokenizer files, in the order they are looked for.
+EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>")
+TOKENIZER_KINDS = ("bpe", "byte", "hf")
 # Bump when a change to training makes cached tokenizers stale.
 BPE_FORMAT_VERSION = 1
 
@@ -69,27 +72,56 @@ class ByteTokenizer(Tokenizer):
             tmp.write_text(json.dumps({"kind": "byte"}))
 
 
-class BPETokenizer(Tokenizer):
+class HFTokenizer(Tokenizer):
+    """A HuggingFace `tokenizers` tokenizer; EOS is the first of `EOS_CANDIDATES` it knows (None
+    if it knows none)."""
+
+    def __init__(self, hf_tokenizer, kind: str = "hf") -> None:
+        self._tokenizer = hf_tokenizer
+        self.vocab_size = hf_tokenizer.get_vocab_size()
+        ids = (hf_tokenizer.token_to_id(token) for token in EOS_CANDIDATES)
+        self.eos_id = next((i for i in ids if i is not None), None)
+        digest = hashlib.sha256(hf_tokenizer.to_str().encode()).hexdigest()[:16]
+        self.fingerprint = f"{kind}{self.vocab_size}-{digest}"
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        from tokenizers import Tokenizer as HFTokenizerFile
+
+        return cls(HFTokenizerFile.from_file(str(path)))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [encoding.ids for encoding in encodings]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with atomic_output(Path(path)) as tmp:
+            self._tokenizer.save(str(tmp))
+
+
+class BPETokenizer(HFTokenizer):
     """Byte-level BPE (GPT-2 style pre-tokenization, no prefix space) from `tokenizers`."""
 
     def __init__(self, hf_tokenizer) -> None:
-        self._tokenizer = hf_tokenizer
-        self.vocab_size = hf_tokenizer.get_vocab_size()
-        self.eos_id = hf_tokenizer.token_to_id(EOS_TOKEN)
-        if self.eos_id is None:
+        super().__init__(hf_tokenizer, kind="bpe")
+        if hf_tokenizer.token_to_id(EOS_TOKEN) is None:
             raise ValueError(f"the BPE tokenizer has no {EOS_TOKEN} token")
-        digest = hashlib.sha256(hf_tokenizer.to_str().encode()).hexdigest()[:16]
-        self.fingerprint = f"bpe{self.vocab_size}-{digest}"
 
     @classmethod
     def train(
         cls, texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2
     ) -> BPETokenizer:
         """Learn merges from `texts`; the same texts in the same order give the same tokenizer."""
-        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import Tokenizer as HFTokenizerFile
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
-        hf_tokenizer = HFTokenizer(models.BPE())
+        hf_tokenizer = HFTokenizerFile(models.BPE())
         hf_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf_tokenizer.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
@@ -101,25 +133,6 @@ class BPETokenizer(Tokenizer):
         )
         hf_tokenizer.train_from_iterator(texts, trainer)
         return cls(hf_tokenizer)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> BPETokenizer:
-        from tokenizers import Tokenizer as HFTokenizer
-
-        return cls(HFTokenizer.from_file(str(path)))
-
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [encoding.ids for encoding in self._tokenizer.encode_batch(list(texts))]
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
-
-    def save(self, path: str | os.PathLike) -> None:
-        with atomic_output(Path(path)) as tmp:
-            self._tokenizer.save(str(tmp))
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
@@ -137,11 +150,33 @@ def _text_chunks(paths: Iterable[Path], chars_per_chunk: int = 1 << 20) -> Itera
                 yield "".join(lines)
 
 
+def load_hf_tokenizer(tokenizer_file: str | os.PathLike | None) -> HFTokenizer:
+    """The `tokenizers` file that `data.tokenizer_file` names, for `data.tokenizer=hf`."""
+    if not tokenizer_file:
+        raise ValueError("data.tokenizer=hf needs data.tokenizer_file=<a tokenizer.json>")
+    if not Path(tokenizer_file).is_file():
+        raise FileNotFoundError(f"data.tokenizer_file: {tokenizer_file} does not exist")
+    try:
+        return HFTokenizer.load(tokenizer_file)
+    except Exception as error:  # tokenizers raises a bare Exception on a malformed file
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"data.tokenizer_file: {tokenizer_file} is not a HuggingFace tokenizers file "
+            f"(a tokenizer.json) ({first_line})"
+        ) from None
+
+
 def build_tokenizer(
-    kind: str, train_files: Sequence[Path], cache_dir: Path, vocab_size: int = 8192
+    kind: str,
+    train_files: Sequence[Path],
+    cache_dir: Path,
+    vocab_size: int = 8192,
+    tokenizer_file: str | os.PathLike | None = None,
+    file_hash: Callable[[Path], str] = file_sha256,
 ) -> Tokenizer:
-    """A `byte` tokenizer, or a `bpe` trained on `train_files` (plain text) and cached as JSON
-    in `cache_dir` under a key of the files' contents, `vocab_size` and the format version."""
+    """A `byte` tokenizer, the `hf` tokenizer of `tokenizer_file`, or a `bpe` trained on
+    `train_files` (plain text) and cached as JSON in `cache_dir` under a key of the files'
+    contents (`file_hash` of each), `vocab_size` and the format version."""
     if kind not in TOKENIZER_KINDS:
         raise ValueError(
             f"data.tokenizer={kind!r} is not a tokenizer; "
@@ -149,9 +184,11 @@ def build_tokenizer(
         )
     if kind == "byte":
         return ByteTokenizer()
+    if kind == "hf":
+        return load_hf_tokenizer(tokenizer_file)
     if not train_files:
         raise ValueError("the bpe tokenizer needs at least one training file")
-    key_parts = [file_sha256(path) for path in train_files]
+    key_parts = [file_hash(path) for path in train_files]
     key_parts += [f"vocab={vocab_size}", f"kind={kind}", f"format={BPE_FORMAT_VERSION}"]
     key = hashlib.sha256("\n".join(key_parts).encode()).hexdigest()[:16]
     cache_path = Path(cache_dir) / f"tokenizer-bpe{vocab_size}-{key}.json"

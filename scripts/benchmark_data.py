@@ -1,0 +1,261 @@
+"""Benchmark the data path beyond RAM on synthetic corpora generated on the fly.
+
+    python scripts/benchmark_data.py --sizes-gb 0.25 0.5 1 [--work DIR] [--out docs/benchmarks/data.json]
+
+For each size it writes a text corpus of that many bytes (paragraphs of Zipf-distributed made-up
+words, fixed seed), then, each in a fresh process:
+- builds the token caches (`TextDataModule.prepare_data`, with a byte-level BPE tokenizer.json of
+  8192 ids trained on an 8 MB sample) with `data.num_proc` 1 and 2 at the smallest size, 2 at the
+  others, and reports tokenization MB/s (text bytes / build seconds, reading and writing
+  included), the build's peak RSS (the main process's VmHWM, and its largest worker) and the size
+  of the caches;
+- times the `tokenizers` library's own `encode_batch` on the same paragraphs (its own threads, all
+  cores; reading the file is not timed): the floor a build's throughput is compared with;
+- times a start with the caches in place (`prepare_data` + `setup`, after the imports);
+- at the largest size, trains the default model for `--steps` steps with the bare loop of
+  spannorm.analysis.benchmark and reports the wait for the next batch as a share of a step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+MB = 1e6
+
+
+def write_corpus(path: Path, n_bytes: int, seed: int = 0) -> Path:
+    """~`n_bytes` of paragraphs ("\\n\\n"-separated lines of Zipf-distributed made-up words)."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("etaoinshrdlucmfwypvbgkjqxz"))
+    weights = 1 / np.arange(1, 27)
+    words = [
+        "".join(rng.choice(letters, rng.integers(1, 9), p=weights / weights.sum()))
+        for _ in range(20000)
+    ]
+    zipf = 1 / np.arange(1, len(words) + 1)
+    zipf /= zipf.sum()
+    paragraphs = []
+    for _ in range(4000):
+        lines = []
+        for _ in range(rng.integers(1, 5)):
+            picked = rng.choice(len(words), rng.integers(4, 14), p=zipf)
+            lines.append(" ".join(words[i] for i in picked).capitalize() + ".")
+        paragraphs.append("\n".join(lines))
+    written = 0
+    with open(path, "w", encoding="utf-8") as f:
+        while written < n_bytes:
+            block = "\n\n".join(paragraphs[i] for i in rng.integers(0, len(paragraphs), 2000))
+            f.write(block + "\n\n")
+            written += len(block) + 2
+    return path
+
+
+def child(*args: str) -> dict:
+    """Run this script's `args` mode in a fresh process; its JSON result."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def datamodule(corpus: Path, cache: Path, num_proc: int):
+    from spannorm.data import TextDataModule
+
+    return TextDataModule(
+        source="text",
+        train_files=str(corpus / "train.txt"),
+        validation_files=str(corpus / "validation.txt"),
+        tokenizer="hf",
+        tokenizer_file=str(corpus.parent / "tokenizer.json"),
+        data_dir=str(cache),
+        num_proc=num_proc,
+    )
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that across exec, so a child
+    would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def mode_build(corpus: Path, cache: Path, num_proc: int) -> dict:
+    module = datamodule(corpus, cache, num_proc)
+    start = time.perf_counter()
+    module.prepare_data()
+    seconds = time.perf_counter() - start
+    text = sum((corpus / f"{s}.txt").stat().st_size for s in ("train", "validation"))
+    cache_bytes = sum(p.stat().st_size for p in (cache / "cache").glob("tokens-*/*"))
+    return {
+        "seconds": seconds,
+        "mb_per_s": text / MB / seconds,
+        "peak_rss_mib": peak_rss_mib(),
+        # forked workers (none at num_proc=1) start from this process's pages, shared
+        "worker_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "cache_mb": cache_bytes / MB,
+    }
+
+
+def mode_encode_batch(corpus: Path) -> dict:
+    """The `tokenizers` library alone: encode_batch over the same samples, in batches of 1024."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(corpus.parent / "tokenizer.json"))
+    seconds, text = 0.0, 0
+    for split in ("train", "validation"):
+        with open(corpus / f"{split}.txt", encoding="utf-8") as f:
+            rest = ""
+            while chunk := f.read(1 << 24):
+                paragraphs = (rest + chunk).split("\n\n")
+                rest = paragraphs.pop()
+                for i in range(0, len(paragraphs), 1024):
+                    batch = [p + "\n\n" for p in paragraphs[i : i + 1024] if p]
+                    start = time.perf_counter()
+                    tokenizer.encode_batch(batch, add_special_tokens=False)
+                    seconds += time.perf_counter() - start
+        text += (corpus / f"{split}.txt").stat().st_size
+    return {"seconds": seconds, "mb_per_s": text / MB / seconds}
+
+
+def mode_start(corpus: Path, cache: Path) -> dict:
+    module = datamodule(corpus, cache, 1)
+    start = time.perf_counter()
+    module.prepare_data()
+    module.setup("fit")
+    return {"seconds": time.perf_counter() - start, "tokens": len(module.train_tokens)}
+
+
+def mode_steps(corpus: Path, cache: Path, steps: int) -> dict:
+    """The default model trained by the bare loop on the cached tokens: wait share of a step."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from spannorm.analysis.benchmark import BareLoop, bare_steps, endless
+
+    overrides = [
+        "data=text",
+        f"data.train_files={corpus / 'train.txt'}",
+        f"data.validation_files={corpus / 'validation.txt'}",
+        "data.tokenizer=hf",
+        f"data.tokenizer_file={corpus.parent / 'tokenizer.json'}",
+        f"data.data_dir={cache}",
+        "run_dir=.",
+    ]
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        cfg = compose("train", overrides=overrides)
+    module = instantiate(cfg.data)
+    module.setup("fit")
+    loop = BareLoop(instantiate(cfg.model), steps + 3, cfg.trainer.gradient_clip_val)
+    batches = endless(module.train_dataloader())
+    bare_steps(loop, batches, 3)
+    periods, waits = bare_steps(loop, batches, steps)
+    return {
+        "median_step_s": statistics.median(periods),
+        "median_wait_s": statistics.median(waits),
+        "wait_share": sum(waits) / sum(periods),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes-gb", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    parser.add_argument("--work", type=Path, default=None, help="scratch dir (default: a temp dir)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--starts", type=int, default=3, help="fresh starts timed at each size")
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
+    parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--corpus", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--cache", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--num-proc", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode:  # a child process: one measurement, printed as JSON
+        if args.mode == "build":
+            result = mode_build(args.corpus, args.cache, args.num_proc)
+        elif args.mode == "encode_batch":
+            result = mode_encode_batch(args.corpus)
+        elif args.mode == "start":
+            result = mode_start(args.corpus, args.cache)
+        else:
+            result = mode_steps(args.corpus, args.cache, args.steps)
+        print(json.dumps(result))
+        return
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="benchmark_data-"))
+    work.mkdir(parents=True, exist_ok=True)
+    sizes = sorted(args.sizes_gb)
+    tokenizer_file = work / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        from spannorm.data import BPETokenizer
+
+        sample = write_corpus(work / "sample.txt", 8 * 10**6, seed=1)
+        BPETokenizer.train([sample.read_text()], vocab_size=8192).save(tokenizer_file)
+    results = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "load_before": os.getloadavg(),
+        "sizes": {},
+    }
+    for size in sizes:
+        corpus = work / f"{size}gb"
+        corpus.mkdir(exist_ok=True)
+        if not (corpus / "train.txt").is_file():
+            write_corpus(corpus / "validation.txt", 2 * 10**6, seed=2)
+            write_corpus(corpus / "train.txt", int(size * 1e9), seed=3)
+        row = {}
+        for num_proc in (1, 2) if size == sizes[0] else (2,):
+            cache = corpus / f"cache-np{num_proc}"
+            shutil.rmtree(cache, ignore_errors=True)
+            build = ["--corpus", str(corpus), "--cache", str(cache)]
+            row[f"build_np{num_proc}"] = child(
+                "--mode", "build", *build, "--num-proc", str(num_proc)
+            )
+            print(size, num_proc, row[f"build_np{num_proc}"], flush=True)
+        if size == sizes[0]:
+            row["encode_batch"] = child("--mode", "encode_batch", "--corpus", str(corpus))
+            print(size, "encode_batch", row["encode_batch"], flush=True)
+        starts = [
+            child("--mode", "start", "--corpus", str(corpus), "--cache", str(cache))["seconds"]
+            for _ in range(args.starts)
+        ]
+        row["start_s_median"] = statistics.median(starts)
+        row["start_s"] = starts
+        if size == sizes[-1]:
+            row["steps"] = child(
+                "--mode", "steps", "--corpus", str(corpus), "--cache", str(cache),
+                "--steps", str(args.steps),
+            )  # fmt: skip
+        print(size, {k: v for k, v in row.items() if not k.startswith("build")}, flush=True)
+        results["sizes"][str(size)] = row
+    results["load_after"] = os.getloadavg()
+    small, large = results["sizes"][str(sizes[0])], results["sizes"][str(sizes[-1])]
+    results["rss_ratio_largest_to_smallest"] = (
+        large["build_np2"]["peak_rss_mib"] / small["build_np2"]["peak_rss_mib"]
+    )
+    results["encode_batch_over_build_np2"] = (
+        small["encode_batch"]["mb_per_s"] / small["build_np2"]["mb_per_s"]
+    )
+    print(json.dumps(results, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Tokenize a stream of text batches into a shard directory: in parallel, with bounded memory,
+resumable, and once however many processes ask for it at the same time."""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .shards import INDEX, PROGRESS, SHARDS_FORMAT_VERSION, ShardWriter, read_index, write_json
+from .tokenizer import Tokenizer
+
+# Batches handed out per worker process before the oldest result is awaited: bounds the text and
+# tokens in flight (and so the memory of a build) whatever the corpus size.
+BATCHES_IN_FLIGHT_PER_PROCESS = 4
+
+
+def default_num_proc() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+class Encoder:
+    """Text batch -> one token array: each text followed by `separator` (and EOS if `eos_id` is
+    not None), exactly as the samples of a split are concatenated."""
+
+    def __init__(self, tokenizer: Tokenizer, separator: str, eos_id: int | None, dtype) -> None:
+        self.tokenizer = tokenizer
+        self.separator = separator
+        self.eos = [] if eos_id is None else [eos_id]
+        self.dtype = np.dtype(dtype)
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        ids = self.tokenizer.encode_batch([text + self.separator for text in texts])
+        return np.fromiter(itertools.chain.from_iterable(i + self.eos for i in ids), self.dtype)
+
+
+_worker_encoder: Encoder | None = None
+
+
+def _init_worker(encoder: Encoder) -> None:
+    global _worker_encoder
+    _worker_encoder = encoder
+
+
+def _encode_in_worker(texts: list[str]) -> np.ndarray:
+    return _worker_encoder(texts)
+
+
+def _encoded(
+    batches: Iterable[tuple[int, list[str]]], encoder: Encoder, num_proc: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(number, tokens) of each (number, texts) batch, in order; with `num_proc` > 1 encoded by
+    that many forked worker processes, a bounded number of batches in flight."""
+    if num_proc <= 1:
+        for number, texts in batches:
+            yield number, encoder(texts)
+        return
+    # The workers use one thread each (and `tokenizers` warns about nothing when forked).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    context = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
+    # unlike multiprocessing.Pool, a worker that dies fails the build (BrokenProcessPool)
+    # instead of leaving its batch pending forever
+    with ProcessPoolExecutor(num_proc, context, _init_worker, (encoder,)) as pool:
+        pending: deque = deque()
+        for number, texts in batches:
+            pending.append((number, pool.submit(_encode_in_worker, texts)))
+            if len(pending) >= BATCHES_IN_FLIGHT_PER_PROCESS * num_proc:
+                number, result = pending.popleft()
+                yield number, result.result()
+        while pending:
+            number, result = pending.popleft()
+            yield number, result.result()
+
+
+@contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock for building `directory`: other processes (ranks of one run, runs
+    sharing a data_dir) wait here, then find the finished index."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.with_name(directory.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _resume_point(directory: Path, settings: dict[str, Any]) -> tuple[list[dict], int, int]:
+    """(finished shards, batch number, tokens of that batch already written) of a build cut
+    short with the same `settings`; nothing finished if there is none (stale files removed)."""
+    try:
+        progress = json.loads((directory / PROGRESS).read_text())
+        if progress["settings"] == settings:
+            shards = progress["shards"]
+            if all((directory / s["name"]).is_file() for s in shards):
+                keep = {s["name"] for s in shards} | {PROGRESS}
+                for path in directory.iterdir():
+                    if path.name not in keep:
+                        path.unlink()
+                batch, skip = progress["resume"]
+                return shards, batch, skip
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if directory.exists():
+        shutil.rmtree(directory)
+    return [], 0, 0
+
+
+def build_split(
+    directory: Path,
+    batches: Callable[[], Iterable[list[str]]],
+    encoder: Encoder,
+    *,
+    shard_tokens: int,
+    num_proc: int,
+    record: dict[str, Any],
+    max_tokens: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> bool:
+    """Tokenize the text batches of `batches()` into shards under `directory` unless its index is
+    already there; returns whether it built. A build cut short resumes from its finished shards
+    (`record`, stored in the index, must match). `max_tokens` stops the split at that many tokens;
+    `progress(texts, characters)` is called per batch tokenized."""
+    if (directory / INDEX).is_file():
+        return False
+    with _build_lock(directory):
+        if (directory / INDEX).is_file():  # another process built it while this one waited
+            return False
+        settings = {**record, "shard_tokens": shard_tokens, "max_tokens": max_tokens}
+        finished, resume_batch, skip = _resume_point(directory, settings)
+        writer = ShardWriter(directory, encoder.dtype, shard_tokens, finished)
+        total = sum(shard["tokens"] for shard in finished)
+
+        def todo() -> Iterator[tuple[int, list[str]]]:
+            for number, texts in enumerate(batches()):
+                if number >= resume_batch:
+                    if progress is not None:
+                        progress(len(texts), sum(map(len, texts)))
+                    yield number, texts
+
+        try:
+            for number, tokens in _encoded(todo(), encoder, num_proc):
+                offset = skip if number == resume_batch else 0  # tokens written before the cut
+                tokens = tokens[offset:]
+                if max_tokens is not None:
+                    tokens = tokens[: max_tokens - total]
+                start = 0
+                while start < len(tokens):
+                    take = min(len(tokens) - start, writer.room)
+                    writer.write(tokens[start : start + take])
+                    start, total = start + take, total + take
+                    if writer.room == 0:
+                        writer.finish_shard()
+                        resume = [number, offset + start]
+                        state = {"settings": settings, "shards": writer.finished, "resume": resume}
+                        write_json(directory / PROGRESS, state)
+                if max_tokens is not None and total >= max_tokens:
+                    break
+            writer.finish_shard()
+        except BaseException:
+            writer.abort()
+            raise
+        write_json(
+            directory / INDEX,
+            {
+                "format": SHARDS_FORMAT_VERSION,
+                **record,
+                "dtype": encoder.dtype.name,
+                "tokens": total,
+                "shard_tokens": shard_tokens,
+                "shards": writer.finished,
+            },
+        )
+        (directory / PROGRESS).unlink(missing_ok=True)
+        read_index(directory)
+        return True
