@@ -13,7 +13,7 @@ import torch
 from conftest import REPO, tiny_overrides
 from hydra import compose, initialize_config_dir
 
-from spannorm.cli import train
+from spannorm.cli import friendly_errors, train
 from spannorm.data import PackedBlocks, ShardError, TextDataModule, build, datamodule, filehash
 from spannorm.data.__main__ import main as data_main
 
@@ -285,3 +285,29 @@ def test_a_nanogpt_bin_file_trains(tiny_corpus, tmp_path):
     )
     assert checkpoint["hyper_parameters"]["vocab_size"] == 130
     assert checkpoint["global_step"] == 4
+
+
+def test_a_damaged_token_file_met_while_training_is_one_line_of_bad_input(
+    tiny_corpus, tmp_path, capsys
+):
+    text = tiny_corpus["train"].read_bytes()
+    ids = np.frombuffer(text, np.uint8).astype(np.uint16)
+    ids[::40] = 500  # an id outside the vocabulary of 130: met in the first training batch
+    ids.tofile(tmp_path / "train.bin")
+    np.frombuffer(text[:3000], np.uint8).astype(np.uint16).tofile(tmp_path / "val.bin")
+    overrides = [
+        "data=tokens",
+        f"data.train_files={tmp_path / 'train.bin'}",
+        f"data.validation_files={tmp_path / 'val.bin'}",
+        "data.tokenizer=null",
+        "data.vocab_size=130",
+        "trainer.max_steps=4",
+        f"run_dir={tmp_path / 'run'}",
+    ]
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        cfg = compose("train", tiny_overrides(tiny_corpus, *overrides))
+    with pytest.raises(SystemExit) as exit:
+        friendly_errors(train)(cfg)
+    assert exit.value.code == 2  # bad input, not a bug (exit 1) with a traceback
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith(f"error: token file {tmp_path / 'train.bin'} holds id 500, outside")

@@ -97,7 +97,8 @@ def _first_line(error: BaseException) -> str:
 
 def friendly_errors(main):
     """Report what a run raises without a traceback on screen (`debug=true` re-raises):
-    - bad input (`UsageError`, a missing mandatory option): `error: <message>`, exit status 2;
+    - bad input (`UsageError`, a missing mandatory option, a damaged token shard met while
+      training): `error: <message>`, exit status 2;
     - a diverged run: its `error:` line, exit 3 (within a multirun the sweep goes on);
     - anything else is unexpected: `error: <type>: <message>` and the file holding its full
       traceback (the run's log), exit status 1."""
@@ -106,29 +107,41 @@ def friendly_errors(main):
     def wrapper(cfg: DictConfig):
         try:
             return main(cfg)
-        except (UsageError, MissingMandatoryValue, TrainingDiverged) as error:
+        except Exception as error:
             if cfg.get("debug", False):
                 raise
+            expected = (UsageError, MissingMandatoryValue, TrainingDiverged)
+            if not isinstance(error, expected) and not _damaged_data(error):
+                _report_unexpected(error)  # exits
             print(f"error: {_first_line(error)}", file=sys.stderr)  # omegaconf appends details
             if not isinstance(error, TrainingDiverged):
                 sys.exit(2)
             if in_sweep():
                 return math.nan  # a diverged run is a result of the sweep, not a reason to stop it
             sys.exit(3)
-        except Exception as error:
-            if cfg.get("debug", False):
-                raise
-            written = write_traceback(error)
-            message = (str(error).strip() or "(no message)").splitlines()[0]
-            print(f"error: {type(error).__name__}: {message}", file=sys.stderr)
-            print(
-                f"unexpected error (not a checked input): full traceback in {written}; "
-                "debug=true shows it here",
-                file=sys.stderr,
-            )
-            sys.exit(1)
 
     return wrapper
+
+
+def _damaged_data(error: BaseException) -> bool:
+    """Whether `error` is a token shard found damaged while training: bad input, not a bug."""
+    # imported here: importing the data package imports Lightning, whose loggers must be created
+    # after Hydra configures logging (or the run's log file misses their lines)
+    from spannorm.data.shards import ShardError
+
+    return isinstance(error, ShardError)
+
+
+def _report_unexpected(error: BaseException) -> NoReturn:
+    written = write_traceback(error)
+    message = (str(error).strip() or "(no message)").splitlines()[0]
+    print(f"error: {type(error).__name__}: {message}", file=sys.stderr)
+    print(
+        f"unexpected error (not a checked input): full traceback in {written}; "
+        "debug=true shows it here",
+        file=sys.stderr,
+    )
+    sys.exit(1)
 
 
 def write_traceback(error: BaseException) -> Path:
@@ -209,12 +222,22 @@ def build_datamodule(data_cfg: DictConfig):
 
 
 def prepare_data(datamodule):
-    """Build (or load from the cache) the datamodule's corpus, tokenizer and tokens, outside a
-    Trainer (eval, benchmarks); a source that cannot be reached (the corpus download, the hub)
-    raises ConnectionError, which `friendly_errors` reports in one line."""
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    """Build (or load from the cache) the datamodule's corpus, tokenizer and tokens; a source that
+    cannot be reached (the corpus download, the hub) is reported as a one-line UsageError."""
+    try:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+    except ConnectionError as error:
+        raise UsageError(_first_line(error)) from error
     return datamodule
+
+
+def launched_rank() -> int:
+    """This process's global rank as its launcher set it (torchrun, srun, Lightning's own launcher
+    for its child processes), before any process group exists; 0 when started alone."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0)
 
 
 def check_train_config(cfg: DictConfig) -> None:
@@ -321,11 +344,16 @@ def train(cfg: DictConfig) -> float:
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         run_dir = output_dir(cfg)
         resume = checkpoint_to_resume(cfg.resume, run_dir)
-        prepare_data(datamodule)
-    if datamodule.vocab_size > cfg.model.vocab_size:
+        # Rank 0 builds the data (or reads its caches) here, so that a data error is one line
+        # before anything trains; the other ranks of a multi-process launch skip this and read
+        # the caches in `fit` (Lightning's prepare_data hook, then a barrier, then setup), so
+        # the data is built once. A file lock per split keeps nodes sharing a file system apart.
+        if launched_rank() == 0:
+            prepare_data(datamodule)
+    if launched_rank() == 0 and datamodule.vocab_size > cfg.model.vocab_size:
         raise UsageError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-            f"{datamodule.vocab_size} ids; raise model.vocab_size"
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's "
+            f"{datamodule.vocab_size} token ids; raise model.vocab_size"
         )
     stopper = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
     if isinstance(trainer.accelerator, CPUAccelerator):

@@ -59,23 +59,37 @@ def _encode_in_worker(texts: list[str]) -> np.ndarray:
     return _worker_encoder(texts)
 
 
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Where tokenizing workers come from: forked from a clean, single-threaded server process
+    (started once per process, this module preloaded) rather than from this process, whose other
+    threads (torch's, the `tokenizers` pool, a Trainer's) may hold a lock at the moment of the fork
+    and so deadlock the child that next takes it."""
+    if sys.platform == "win32":
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 def _encoded(
     batches: Iterable[tuple[int, list[str]]], encoder: Encoder, num_proc: int
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """(number, tokens) of each (number, texts) batch, in order; with `num_proc` > 1 encoded by
-    that many forked worker processes, a bounded number of batches in flight."""
-    if num_proc <= 1:
-        for number, texts in batches:
+    """(number, tokens) of each (number, texts) batch, in order; with `num_proc` > 1 and at least
+    that many batches, encoded by that many worker processes, a bounded number of batches in
+    flight (fewer batches are encoded here: starting workers would cost more than it saves)."""
+    batches = iter(batches)
+    head = list(itertools.islice(batches, max(num_proc, 1)))
+    if num_proc <= 1 or len(head) < num_proc:
+        for number, texts in itertools.chain(head, batches):
             yield number, encoder(texts)
         return
-    # The workers use one thread each (and `tokenizers` warns about nothing when forked).
+    # The workers use one thread each.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    context = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
     # unlike multiprocessing.Pool, a worker that dies fails the build (BrokenProcessPool)
     # instead of leaving its batch pending forever
-    with ProcessPoolExecutor(num_proc, context, _init_worker, (encoder,)) as pool:
+    with ProcessPoolExecutor(num_proc, _worker_context(), _init_worker, (encoder,)) as pool:
         pending: deque = deque()
-        for number, texts in batches:
+        for number, texts in itertools.chain(head, batches):
             pending.append((number, pool.submit(_encode_in_worker, texts)))
             if len(pending) >= BATCHES_IN_FLIGHT_PER_PROCESS * num_proc:
                 number, result = pending.popleft()

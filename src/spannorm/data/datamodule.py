@@ -360,8 +360,7 @@ class TextDataModule(L.LightningDataModule):
         if self.train_tokens is None:
             raise RuntimeError("TextDataModule.unigram_baseline() needs setup() first")
         train_counts, val_counts = (
-            sum(np.bincount(piece, minlength=self.vocab_size) for piece in tokens.pieces())
-            for tokens in (self.train_tokens, self.val_tokens)
+            tokens.counts(self.vocab_size) for tokens in (self.train_tokens, self.val_tokens)
         )
         log_probs = np.log(train_counts + 1.0) - np.log(train_counts.sum() + self.vocab_size)
         return float(-(val_counts * log_probs).sum() / val_counts.sum())

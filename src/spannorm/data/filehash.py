@@ -8,7 +8,9 @@ import json
 import os
 from pathlib import Path
 
-from .tokenizer import atomic_output, file_sha256
+from spannorm.files import atomic_output
+
+from .tokenizer import file_sha256
 
 MEMO = "file-hashes.json"
 

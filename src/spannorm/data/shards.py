@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .tokenizer import atomic_output
+from spannorm.files import atomic_output
 
 INDEX = "index.json"
 PROGRESS = "progress.json"  # a build under way: the shards it has finished and where to go on
@@ -236,6 +236,19 @@ class TokenShards:
     def pieces(self) -> Iterator[np.ndarray]:
         """The tokens file by file (each a memory map)."""
         yield from self._maps
+
+    def counts(self, vocab_size: int | None = None) -> np.ndarray:
+        """How often each id of the vocabulary (`vocab_size`, else this split's) occurs, read file
+        by file; an id outside it is an error naming its file."""
+        vocab_size = vocab_size or self.vocab_size
+        total = np.zeros(vocab_size, np.int64)
+        for file, piece in zip(self.files, self._maps, strict=True):
+            counts = np.bincount(piece, minlength=vocab_size)
+            if len(counts) > vocab_size:
+                problem = f"holds id {len(counts) - 1}, outside the vocabulary of {vocab_size}"
+                raise self._error(file, problem)
+            total += counts
+        return total
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         whole = self[:]
