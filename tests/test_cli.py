@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -224,3 +225,46 @@ def test_runs_end_with_one_validation_at_their_last_step_and_the_bar_counts_step
     task = bar.train_progress_bar
     assert (task.completed, task.total) == (max_steps, max_steps)
     assert "Epoch" not in task.description and "-2" not in task.description
+
+
+class ThreadsDuringTraining(L.Callback):
+    def __init__(self) -> None:
+        self.threads: set[str] = set()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.threads |= {type(thread).__name__ for thread in threading.enumerate()}
+
+
+def test_on_cpu_the_bar_draws_between_steps_in_the_training_thread(tmp_path, monkeypatch):
+    """No drawing thread competes with the step's OpenMP workers for the cores (issue 18)."""
+    from rich.live import Live
+
+    draws = []
+    live_refresh = Live.refresh
+
+    def counted_refresh(live) -> None:
+        draws.append(threading.current_thread() is threading.main_thread())
+        live_refresh(live)
+
+    monkeypatch.setattr(Live, "refresh", counted_refresh)
+    tokens = torch.arange(8 * 8 * 8 + 1) % 50
+    blocks = PackedBlocks(tokens.numpy().astype("uint16"), seq_len=8)
+    threads, bar = ThreadsDuringTraining(), StepProgressBar(refresh_rate=1000)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        limit_val_batches=0,
+        logger=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[threads, bar],
+    )
+    lm = LanguageModel(
+        optim=optim_options(), vocab_size=50, d_model=16, n_layers=1, n_heads=2, max_seq_len=8
+    )
+    trainer.fit(lm, train_dataloaders=DataLoader(blocks, batch_size=8))
+    assert "_RefreshThread" not in threads.threads  # Lightning's (and rich's) drawing thread
+    assert len(draws) >= 6 and all(draws)  # every step drawn (1000/s allows it), here
+    task = bar.train_progress_bar
+    assert (task.completed, task.total) == (6, 6)

@@ -1,7 +1,9 @@
-"""The progress bar of step-based training: steps done out of `trainer.max_steps` (120/300)."""
+"""The progress bar of step-based training: steps done out of `trainer.max_steps` (120/300),
+drawn between steps on CPU."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import lightning as L
@@ -11,7 +13,38 @@ from lightning.pytorch.callbacks import RichProgressBar
 class StepProgressBar(RichProgressBar):
     """Lightning's rich bar, but when training is set by `max_steps` (every trainer config here)
     one training bar counts optimizer steps over the whole run, across epochs, instead of the
-    batches of each epoch under "Epoch 0/-2". Epoch-based training keeps Lightning's bar."""
+    batches of each epoch under "Epoch 0/-2". Epoch-based training keeps Lightning's bar.
+
+    On CPU it draws in the training thread, between steps, at most `refresh_rate` times a second,
+    instead of on rich's own thread: there every core runs an OpenMP worker of the step, and a
+    drawing thread that takes a core from one of them stalls the others at the next barrier
+    (with the thread, the default run's steps were 9% slower than without a bar; see
+    docs/performance.md). On a GPU the compute does not wait for the CPU, so Lightning's thread
+    stays."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._draw_here = False
+        self._last_draw = -float("inf")
+
+    def _init_progress(self, trainer: L.Trainer) -> None:
+        super()._init_progress(trainer)
+        live = getattr(self.progress, "live", None)
+        if trainer.strategy.root_device.type == "cpu" and live is not None:
+            thread, live._refresh_thread = live._refresh_thread, None
+            if thread is not None:  # Lightning started it: stop it before it draws
+                thread.stop()
+                thread.join()
+            live.auto_refresh = False
+            self._draw_here = True
+
+    def refresh(self, hard: bool = False) -> None:
+        if not self._draw_here:
+            return super().refresh(hard)
+        now = time.monotonic()
+        if self.progress is not None and (hard or now - self._last_draw >= 1 / self.refresh_rate):
+            self._last_draw = now
+            self.progress.refresh()
 
     def _by_steps(self) -> bool:
         return self.trainer.max_steps > 0 and self.trainer.max_epochs in (None, -1)
