@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -98,19 +99,51 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def descendants_peak_rss_mib(stop: threading.Event, peaks: dict[int, float]) -> None:
+    """Until `stop`: every 0.2 s, the peak RSS (VmHWM) of every process below this one (the
+    tokenizing workers are the forkserver's children, so not this process's to wait for)."""
+    me = os.getpid()
+    while not stop.wait(0.2):
+        parents = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                parents[int(stat.parent.name)] = int(fields[1])
+            except (OSError, IndexError, ValueError):
+                continue
+        for pid in parents:
+            ancestor = parents.get(pid)
+            while ancestor not in (None, 0, 1, me):
+                ancestor = parents.get(ancestor)
+            if ancestor == me:
+                try:
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            peaks[pid] = max(peaks.get(pid, 0.0), int(line.split()[1]) / 1024)
+                except OSError:
+                    pass
+
+
 def mode_build(corpus: Path, cache: Path, num_proc: int) -> dict:
     module = datamodule(corpus, cache, num_proc)
+    peaks: dict[int, float] = {}
+    stop = threading.Event()
+    sampler = threading.Thread(target=descendants_peak_rss_mib, args=(stop, peaks), daemon=True)
+    sampler.start()
     start = time.perf_counter()
     module.prepare_data()
     seconds = time.perf_counter() - start
+    stop.set()
+    sampler.join()
     text = sum((corpus / f"{s}.txt").stat().st_size for s in ("train", "validation"))
     cache_bytes = sum(p.stat().st_size for p in (cache / "cache").glob("tokens-*/*"))
     return {
         "seconds": seconds,
         "mb_per_s": text / MB / seconds,
         "peak_rss_mib": peak_rss_mib(),
-        # forked workers (none at num_proc=1) start from this process's pages, shared
-        "worker_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        # the largest process below this one: a tokenizing worker or their forkserver (none at
+        # num_proc=1), sampled every 0.2 s
+        "worker_peak_rss_mib": max(peaks.values(), default=0.0),
         "cache_mb": cache_bytes / MB,
     }
 
