@@ -346,17 +346,20 @@ def markdown(results: dict) -> str:
         + ", ".join(f"{n}: {flops / 1e9:.0f}" for n, flops in results["matmul_flops"].items())
         + f"; FLOPs per token 6N + 12LdT = {results['flops_per_token'] / 1e6:.2f} M.",
         "",
-        "(b) step time (fwd+bwd+optimizer) per placement: median over rounds of the ratio of the "
-        "round medians",
-        "",
-        row(["placement", "median step (ms)", "/ prenorm"]),
-        row(["---", "---:", "---:"]),
-        *(
-            row([name, f"{1e3 * p['median_step']:.1f}", f"{p['ratio']:.3f}"])
-            for name, p in results["placements"].items()
-        ),
-        "",
     ]
+    if "placements" in results:
+        lines += [
+            "(b) step time (fwd+bwd+optimizer) per placement: median over rounds of the ratio of "
+            "the round medians",
+            "",
+            row(["placement", "median step (ms)", "/ prenorm"]),
+            row(["---", "---:", "---:"]),
+            *(
+                row([name, f"{1e3 * p['median_step']:.1f}", f"{p['ratio']:.3f}"])
+                for name, p in results["placements"].items()
+            ),
+            "",
+        ]
     if "data" in results:
         lines += [
             "(c) data path (seconds)",
@@ -403,7 +406,8 @@ def main(cfg: DictConfig) -> None:
     results["flops_per_token"] = flops_per_token(instantiate(cfg.model).model, cfg.data.seq_len)
     if bench.rounds:
         results["training"] = compare_with_bare_loop(cfg)
-    results["placements"] = compare_placements(cfg, build_datamodule(cfg.data))
+    if bench.placement_rounds:  # 0: skip (b)
+        results["placements"] = compare_placements(cfg, build_datamodule(cfg.data))
     results["load_end"] = load()
     results["minutes"] = (time.perf_counter() - started) / 60
     out = Path(bench.output_dir)
