@@ -348,9 +348,10 @@ def train(cfg: DictConfig) -> float:
         # before anything trains; the other ranks of a multi-process launch skip this and read
         # the caches in `fit` (Lightning's prepare_data hook, then a barrier, then setup), so
         # the data is built once. A file lock per split keeps nodes sharing a file system apart.
-        if launched_rank() == 0:
+        builds_data = launched_rank() == 0
+        if builds_data:
             prepare_data(datamodule)
-    if launched_rank() == 0 and datamodule.vocab_size > cfg.model.vocab_size:
+    if builds_data and datamodule.vocab_size > cfg.model.vocab_size:
         raise UsageError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's "
             f"{datamodule.vocab_size} token ids; raise model.vocab_size"
