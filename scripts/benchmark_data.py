@@ -183,7 +183,9 @@ def mode_steps(corpus: Path, cache: Path, steps: int) -> dict:
     from hydra.utils import instantiate
 
     from spannorm.analysis.benchmark import BareLoop, bare_steps, endless
+    from spannorm.cli import register_resolvers
 
+    register_resolvers()  # ${tokenizer_vocab:...} and the others of conf/
     overrides = [
         "data=text",
         f"data.train_files={corpus / 'train.txt'}",
@@ -270,6 +272,7 @@ def main() -> None:
         ]
         row["start_s_median"] = statistics.median(starts)
         row["start_s"] = starts
+        print(size, "start_s", starts, flush=True)
         if size == sizes[-1]:
             row["steps"] = child(
                 "--mode", "steps", "--corpus", str(corpus), "--cache", str(cache),

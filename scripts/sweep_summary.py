@@ -46,6 +46,17 @@ def history(run: Run, metric: str) -> list[tuple[int, list[float]]]:
     return [(step, [by_tag[tag].get(step, math.nan) for tag in tags]) for step in steps]
 
 
+def finite_or_null(value):
+    """`value` with every NaN or infinite float inside it turned into None (JSON's null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_null(item) for item in value]
+    return value
+
+
 def summarize(run_dir: Path, baseline: float, margin: float = 0.3) -> dict:
     run = Run.load(run_dir, run_dir.name)
     train_loss = run.scalars.get("train/loss", [])
@@ -92,8 +103,8 @@ def main() -> None:
             "max_steps; continue it (resume=auto) before summarizing it"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(summary, default=lambda v: None if v is None else str(v))
-    args.out.write_text(text.replace("NaN", "null") + "\n")
+    text = json.dumps(finite_or_null(summary), default=str, allow_nan=False)
+    args.out.write_text(text + "\n")
     print(
         f"{args.out}: final val loss {summary['final_val_loss']:.4f}, escape step "
         f"{summary['plateau_escape_step']}"

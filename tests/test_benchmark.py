@@ -98,3 +98,32 @@ def test_benchmark_model_reference_rope_is_ours_and_the_script_runs(capsys):
     out = capsys.readouterr().out
     for name in [*bench.ARMS, *bench.RATIOS]:
         assert f"| {name} |" in out, name
+
+
+@pytest.mark.slow
+def test_benchmark_data_modes_run_on_a_tiny_corpus(tmp_path):
+    """Each measurement of scripts/benchmark_data.py (build, start with the caches in place in a
+    fresh process, training steps on them in another) runs on the config as composed today (its steps mode once failed on a
+    resolver added to conf/ after it was written)."""
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_data", Path(__file__).parents[1] / "scripts" / "benchmark_data.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from spannorm.data import BPETokenizer
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    bench.write_corpus(corpus / "train.txt", 60_000, seed=3)
+    bench.write_corpus(corpus / "validation.txt", 20_000, seed=2)
+    BPETokenizer.train([(corpus / "train.txt").read_text()], vocab_size=300).save(
+        tmp_path / "tokenizer.json"
+    )
+    cache = corpus / "cache-np1"
+    build = bench.mode_build(corpus, cache, 1)
+    assert build["cache_mb"] > 0 and build["mb_per_s"] > 0
+    # in fresh processes, as the benchmark runs them (this one has every resolver registered)
+    where = ["--corpus", str(corpus), "--cache", str(cache)]
+    assert bench.child("--mode", "start", *where)["tokens"] > 0
+    steps = bench.child("--mode", "steps", *where, "--steps", "2")
+    assert 0 <= steps["wait_share"] < 1 and steps["median_step_s"] > 0

@@ -193,33 +193,44 @@ class CountValidations(L.Callback):
             self.steps.append(trainer.global_step)
 
 
-@pytest.mark.parametrize(("max_steps", "validated_at"), [(12, [5, 10, 12]), (10, [5, 10])])
-def test_runs_end_with_one_validation_at_their_last_step_and_the_bar_counts_steps(
-    max_steps, validated_at, tmp_path
-):
-    """Validation every 5 steps; the last step validates too, once even where it is a multiple
-    of 5. The progress bar counts steps over the whole run (8 batches an epoch), not per epoch."""
+def train_tiny(tmp_path, callbacks: list, **trainer_options):
+    """Train a one-block model on 8 batches of 8 tokens (an epoch) with these callbacks and
+    Trainer options, no logger or checkpoints; returns the trainer."""
     tokens = torch.arange(8 * 8 * 8 + 1) % 50
     blocks = PackedBlocks(tokens.numpy().astype("uint16"), seq_len=8)  # 64 blocks: 8 batches
-    counter, bar = CountValidations(), StepProgressBar()
     trainer = L.Trainer(
         accelerator="cpu",
-        max_steps=max_steps,
-        val_check_interval=5,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        limit_val_batches=1,
         logger=False,
         enable_model_summary=False,
         enable_checkpointing=False,
         default_root_dir=tmp_path,
-        callbacks=[counter, bar],
+        callbacks=callbacks,
+        **trainer_options,
     )
     lm = LanguageModel(
         optim=optim_options(), vocab_size=50, d_model=16, n_layers=1, n_heads=2, max_seq_len=8
     )
     loader = DataLoader(blocks, batch_size=8)
     trainer.fit(lm, train_dataloaders=loader, val_dataloaders=loader)
+    return trainer
+
+
+@pytest.mark.parametrize(("max_steps", "validated_at"), [(12, [5, 10, 12]), (10, [5, 10])])
+def test_runs_end_with_one_validation_at_their_last_step_and_the_bar_counts_steps(
+    max_steps, validated_at, tmp_path
+):
+    """Validation every 5 steps; the last step validates too, once even where it is a multiple
+    of 5. The progress bar counts steps over the whole run (8 batches an epoch), not per epoch."""
+    counter, bar = CountValidations(), StepProgressBar()
+    trainer = train_tiny(
+        tmp_path,
+        [counter, bar],
+        max_steps=max_steps,
+        val_check_interval=5,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+    )
     assert counter.steps == validated_at
     assert trainer.callback_metrics["val/loss"] > 0
     task = bar.train_progress_bar
@@ -247,23 +258,8 @@ def test_on_cpu_the_bar_draws_between_steps_in_the_training_thread(tmp_path, mon
         live_refresh(live)
 
     monkeypatch.setattr(Live, "refresh", counted_refresh)
-    tokens = torch.arange(8 * 8 * 8 + 1) % 50
-    blocks = PackedBlocks(tokens.numpy().astype("uint16"), seq_len=8)
     threads, bar = ThreadsDuringTraining(), StepProgressBar(refresh_rate=1000)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=6,
-        limit_val_batches=0,
-        logger=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=[threads, bar],
-    )
-    lm = LanguageModel(
-        optim=optim_options(), vocab_size=50, d_model=16, n_layers=1, n_heads=2, max_seq_len=8
-    )
-    trainer.fit(lm, train_dataloaders=DataLoader(blocks, batch_size=8))
+    train_tiny(tmp_path, [threads, bar], max_steps=6, limit_val_batches=0)
     assert "_RefreshThread" not in threads.threads  # Lightning's (and rich's) drawing thread
     assert len(draws) >= 6 and all(draws)  # every step drawn (1000/s allows it), here
     task = bar.train_progress_bar
