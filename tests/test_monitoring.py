@@ -280,3 +280,48 @@ def test_lr_and_grad_norm_are_written_at_every_logging_step(every):
     for step in expected:
         assert logger.written[step]["train/lr"] == pytest.approx(lrs[step], rel=1e-6)
         assert logger.written[step]["train/grad_norm"] > 0
+
+
+def test_on_cpu_the_layer_profile_is_drawn_in_the_training_thread(tmp_path, monkeypatch):
+    """No drawing thread competes with the step's OpenMP workers for the cores and the GIL
+    (issue 18): every image is drawn by the training thread, and each is written."""
+    import threading
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    drawn_by_main, draw = [], LayerStatsMonitor._draw
+
+    def recorded_draw(monitor, *args) -> None:
+        drawn_by_main.append(threading.current_thread() is threading.main_thread())
+        draw(monitor, *args)
+
+    monkeypatch.setattr(LayerStatsMonitor, "_draw", recorded_draw)
+    threads: set[str] = set()
+    tokens = torch.randint(0, 60, (6, 2, 9), generator=torch.Generator().manual_seed(0))
+    lm = LanguageModel(
+        optim=optim_options(), vocab_size=60, d_model=16, n_layers=2, n_heads=2, max_seq_len=8
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        limit_val_batches=0,
+        log_every_n_steps=2,
+        logger=TensorBoardLogger(tmp_path, name="tb", version=""),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[
+            LayerStatsMonitor(every_n_steps=2),
+            L.pytorch.callbacks.LambdaCallback(
+                on_train_batch_end=lambda *_: threads.update(
+                    thread.name for thread in threading.enumerate()
+                )
+            ),
+        ],
+    )
+    loader = torch.utils.data.DataLoader([(t[:, :-1], t[:, 1:]) for t in tokens], None)
+    trainer.fit(lm, loader, loader)
+    assert drawn_by_main == [True, True, True]  # steps 0, 2, 4
+    assert not any(name.startswith("layer-profile") for name in threads), threads
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert [image.step for image in events.Images("layers/profile")] == [0, 2, 4]

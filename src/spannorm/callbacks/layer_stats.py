@@ -253,13 +253,19 @@ class LayerStatsMonitor(L.Callback):
             if isinstance(log, TensorBoardLogger) or hasattr(log, "log_image")
         ]
         if self.image and writers and trainer.is_global_zero:
-            self._draw_in_background(writers, values, self._step)
+            if trainer.strategy.root_device.type == "cpu":
+                self._draw(writers, values, self._step)
+            else:
+                self._draw_in_background(writers, values, self._step)
 
     def _draw_in_background(self, writers: list, values: dict[str, list[float]], step: int) -> None:
-        """Draw and write the image on a worker thread: matplotlib takes ~0.1-0.2 s of CPU, which
-        then overlaps the next steps instead of stalling the loop (on a GPU run the loop mostly
-        waits on the device, with the GIL released). One image at a time; an error in drawing
-        surfaces at the next image or at the end of training."""
+        """On a GPU, draw and write the image on a worker thread: matplotlib takes ~0.2-0.4 s of
+        CPU, which then overlaps the next steps, while the loop mostly waits on the device with
+        the GIL released. One image at a time; an error in drawing surfaces at the next image or
+        at the end of training. On CPU the image is drawn in the training thread instead, between
+        steps: there every core runs an OpenMP worker of the step, and a drawing thread that takes
+        one stalls the others at every barrier and holds the GIL the step's Python needs (with the
+        thread, the monitors cost the default run ~4% of its throughput; docs/performance.md)."""
         if self._drawing is not None:
             self._drawing.result()
         self._drawer = self._drawer or ThreadPoolExecutor(1, thread_name_prefix="layer-profile")
