@@ -171,7 +171,9 @@ def test_local_tasks_from_held_out_text_ask_for_the_true_next_line(tiny_corpus, 
     text = tiny_corpus["validation"].read_text()
     names = write_local_tasks(text, tmp_path, "play", n=20, seed=3)
     assert names == ["play_next_line", "play_ppl"]
-    rows = [json.loads(line) for line in (tmp_path / "play_next_line.jsonl").open()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "play_next_line.jsonl").read_text().splitlines()
+    ]
     assert len(rows) == 20
     for row in rows:
         assert len(set(row["choices"])) == 4
