@@ -36,7 +36,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch.nn.utils import get_total_norm
 
-from spannorm.callbacks import block_tag, full_tensor, log_scalars, sum_over_processes
+from spannorm.callbacks import (
+    block_tag,
+    draw_between_steps,
+    full_tensor,
+    log_scalars,
+    sum_over_processes,
+)
 from spannorm.model.layers import CausalSelfAttention, rope_tables, rotate
 
 # panel order in the image; the first four span orders of magnitude and are drawn as log10
@@ -253,7 +259,7 @@ class LayerStatsMonitor(L.Callback):
             if isinstance(log, TensorBoardLogger) or hasattr(log, "log_image")
         ]
         if self.image and writers and trainer.is_global_zero:
-            if trainer.strategy.root_device.type == "cpu":
+            if draw_between_steps(trainer):
                 self._draw(writers, values, self._step)
             else:
                 self._draw_in_background(writers, values, self._step)
@@ -262,10 +268,7 @@ class LayerStatsMonitor(L.Callback):
         """On a GPU, draw and write the image on a worker thread: matplotlib takes ~0.2-0.4 s of
         CPU, which then overlaps the next steps, while the loop mostly waits on the device with
         the GIL released. One image at a time; an error in drawing surfaces at the next image or
-        at the end of training. On CPU the image is drawn in the training thread instead, between
-        steps: there every core runs an OpenMP worker of the step, and a drawing thread that takes
-        one stalls the others at every barrier and holds the GIL the step's Python needs (with the
-        thread, the monitors cost the default run ~4% of its throughput; docs/performance.md)."""
+        at the end of training. On CPU (`draw_between_steps`) the training thread draws it."""
         if self._drawing is not None:
             self._drawing.result()
         self._drawer = self._drawer or ThreadPoolExecutor(1, thread_name_prefix="layer-profile")

@@ -9,18 +9,17 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
 
+from spannorm.callbacks import draw_between_steps
+
 
 class StepProgressBar(RichProgressBar):
     """Lightning's rich bar, but when training is set by `max_steps` (every trainer config here)
     one training bar counts optimizer steps over the whole run, across epochs, instead of the
     batches of each epoch under "Epoch 0/-2". Epoch-based training keeps Lightning's bar.
 
-    On CPU it draws in the training thread, between steps, at most `refresh_rate` times a second,
-    instead of on rich's own thread: there every core runs an OpenMP worker of the step, and a
-    drawing thread that takes a core from one of them stalls the others at the next barrier
-    (with the thread, the default run had 0.924 of the throughput it had without a bar; see
-    docs/performance.md). On a GPU the compute does not wait for the CPU, so Lightning's thread
-    stays."""
+    On CPU (`draw_between_steps`) it draws in the training thread, between steps, at most
+    `refresh_rate` times a second, instead of on rich's own thread (with the thread, the default
+    run had 0.924 of the throughput it had without a bar). On a GPU Lightning's thread stays."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -30,7 +29,7 @@ class StepProgressBar(RichProgressBar):
     def _init_progress(self, trainer: L.Trainer) -> None:
         super()._init_progress(trainer)
         live = getattr(self.progress, "live", None)
-        if trainer.strategy.root_device.type == "cpu" and live is not None:
+        if draw_between_steps(trainer) and live is not None:
             thread, live._refresh_thread = live._refresh_thread, None
             if thread is not None:  # Lightning started it: stop it before it draws
                 thread.stop()
