@@ -2,6 +2,7 @@
 
     python scripts/benchmark_model.py                 # the issue-18 shape, 7 interleaved rounds
     python scripts/benchmark_model.py --rounds 11 --steps 3 --profile
+    python scripts/benchmark_model.py --compile all   # every arm's blocks through torch.compile
 
 Arms (each a model and its own fused AdamW, stepped on the same batches held in memory):
 - `minimal`: the textbook pre-norm GPT written below (learned positions, fused QKV, SDPA, GELU MLP,
@@ -14,6 +15,9 @@ So `ours gelu / minimal rope` is our overhead, `minimal rope / minimal` RoPE's c
 Reported: per round, each arm's median step; per ratio, the median over rounds of the same-round
 ratio of throughputs, with a distribution-free interval. `--profile` adds a torch.profiler table of
 `--profile-steps` steps of each arm (self CPU time per op), and the per-op difference between two.
+`--compile all` compiles each block of every arm (`nn.Module.compile`, as `model.compile=true` does
+in the template), `--compile ours` only our arms' (a compiled template against eager textbook code);
+the first steps then include the compilation, so give `--warmup` at least 2.
 """
 
 from __future__ import annotations
@@ -121,6 +125,14 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build(arm: str, args: argparse.Namespace) -> nn.Module:
+    model = build_eager(arm, args)
+    if args.compile == "all" or (args.compile == "ours" and not arm.startswith("minimal")):
+        for block in model.blocks:
+            block.compile()
+    return model
+
+
+def build_eager(arm: str, args: argparse.Namespace) -> nn.Module:
     shape = dict(vocab=args.vocab, d=args.d_model, layers=args.n_layers, heads=args.n_heads)
     if arm.startswith("minimal"):
         return MinimalGPT(**shape, seq=args.seq_len, rope=arm == "minimal rope")
@@ -246,9 +258,10 @@ def report(rounds: list[dict], ops: dict[str, Counter], tokens_per_step: int) ->
         wall = statistics.median(r["wall"][name] for r in rounds)
         cpu = statistics.median(r["cpu"][name] for r in rounds)
         computing = sum(n for op, n in counts.items() if op not in VIEWS)
+        counted = f"{sum(counts.values())} ({computing})" if counts else "-"
         print(
             f"| {name} | {1e3 * wall:.1f} | {tokens_per_step / wall:,.0f} | {1e3 * cpu:.1f} | "
-            f"{sum(counts.values())} ({computing}) |"
+            f"{counted} |"
         )
     print(
         "\n| throughput ratio | wall: median over rounds | interval | CPU time: median | "
@@ -281,6 +294,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--norm", default="prenorm", help="our arms' model.norm")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: its)")
+    parser.add_argument(
+        "--compile",
+        choices=("none", "all", "ours"),
+        default="none",
+        help="torch.compile each block of every arm, of our arms only, or of none (default)",
+    )
     parser.add_argument("--profile", action="store_true", help="torch.profiler table per arm")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--profile-rows", type=int, default=25)
@@ -309,10 +328,15 @@ def main(argv: list[str]) -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; "
         f"d={args.d_model} L={args.n_layers} heads={args.n_heads} seq={args.seq_len} "
         f"batch={args.batch} vocab={args.vocab} fp32; ours: norm={args.norm}; "
+        f"compiled blocks: {args.compile}; "
         f"{args.rounds} rounds x {args.steps} steps; load {os.getloadavg()[0]:.2f}",
         flush=True,
     )
-    ops = {name: count_ops(arm, batches[0]) for name, arm in arms.items()}
+    # op counts in eager mode only: a compiled block runs its fused kernels below the dispatcher
+    ops = {
+        name: count_ops(arm, batches[0]) if args.compile == "none" else Counter()
+        for name, arm in arms.items()
+    }
     started = time.perf_counter()
     rounds = run_rounds(arms, batches, args.rounds, args.steps)
     print(f"\n{time.perf_counter() - started:.0f} s; load at the end {os.getloadavg()[0]:.2f}")

@@ -98,6 +98,10 @@ def test_benchmark_model_reference_rope_is_ours_and_the_script_runs(capsys):
     out = capsys.readouterr().out
     for name in [*bench.ARMS, *bench.RATIOS]:
         assert f"| {name} |" in out, name
+    # --compile ours: our arms' blocks compiled (not run here: compiling takes minutes), not minimal's
+    args = bench.parse([*tiny.split(), "--compile", "ours"])
+    compiled = {arm: bench.build(arm, args).blocks[0]._compiled_call_impl for arm in bench.ARMS}
+    assert {arm for arm, call in compiled.items() if call is not None} == {"ours gelu", "ours"}
 
 
 @pytest.mark.slow
