@@ -13,45 +13,9 @@ from spannorm.model.norms import make_norm
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding on [B, H, T, hd] with the halves (x1, x2) paired:
     (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos), computed as x * cos + (x2, x1) * sin with the
-    tables of `rope_tables` ([cos, cos] and [-sin, sin]): the same values, in fewer passes.
-
-    In eager mode, where x and the tables share a dtype (fp32 training), this runs as `Rotary`: the
-    same products and sums, so the same bits forward and backward, in fewer memory passes and
-    without six autograd nodes per call (measured in docs/performance.md). Mixed dtypes take the
-    formula, and so does torch.compile, which fuses it into one kernel (and would break its graph
-    at `Rotary`'s in-place writes)."""
-    if x.dtype == cos.dtype == sin.dtype and not torch.compiler.is_compiling():
-        return Rotary.apply(x, cos, sin)
+    tables of `rope_tables` ([cos, cos] and [-sin, sin]): the same values, in fewer passes."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((x2, x1), dim=-1) * sin
-
-
-def swapped_product(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """(x2, x1) * table for x = (x1, x2) along the last dim, written half by half (no cat)."""
-    half = x.shape[-1] // 2
-    out = torch.empty(torch.broadcast_shapes(x.shape, table.shape), dtype=x.dtype, device=x.device)
-    torch.mul(x[..., half:], table[..., :half], out=out[..., :half])
-    torch.mul(x[..., :half], table[..., half:], out=out[..., half:])
-    return out
-
-
-class Rotary(torch.autograd.Function):
-    """`rotate` with its own backward. The map is linear, x -> x * cos + swap(x) * sin, so its
-    transpose is g -> g * cos + swap(g * sin) = g * cos + swap(g) * swap(sin) (swap exchanges the
-    halves and is its own inverse). Nothing but the tables is saved for backward; every product and
-    sum is one that autograd forms for the formula, so the results are bitwise equal to it
-    (tests/test_model.py checks)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(cos, sin)
-        return (x * cos).add_(swapped_product(x, sin))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        cos, sin = ctx.saved_tensors
-        sin_swapped = torch.cat(sin.chunk(2, dim=-1)[::-1], dim=-1)  # a [T, hd] table: cheap
-        return (grad * cos).add_(swapped_product(grad, sin_swapped)), None, None
 
 
 def rope_tables(
