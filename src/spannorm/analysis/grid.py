@@ -204,13 +204,35 @@ def plot_heatmaps(cells: dict[Cell, list[dict]], norms: list[str], path: Path) -
     figure.savefig(path, dpi=100)
 
 
-def plot_loss_vs_depth(cells: dict[Cell, list[dict]], path: Path) -> bool:
-    """Final val loss against depth, a line per (placement, lr, warm-up) run at two or more
-    depths, each run a dot; False (nothing drawn) when no setting ran at two depths."""
+def depth_settings(cells: dict[Cell, list[dict]]) -> dict[tuple[str, float, int], dict]:
+    """{(placement, lr, warm-up): {blocks: runs}} for each setting run at two or more depths."""
     settings: dict[tuple[str, float, int], dict[int, list[dict]]] = {}
     for c, runs in cells.items():
         settings.setdefault((c.norm, c.lr, c.warmup), {})[c.n_layers] = runs
-    lines = {k: v for k, v in settings.items() if len(v) >= 2}
+    return {k: v for k, v in sorted(settings.items()) if len(v) >= 2}
+
+
+def depth_table(cells: dict[Cell, list[dict]]) -> str:
+    """A row per setting run at two or more depths, a column per depth: the final val loss
+    (mean ± std, n runs) and, in brackets, each run's plateau escape step."""
+    lines = depth_settings(cells)
+    depths = sorted({d for runs_at in lines.values() for d in runs_at})
+    rows = []
+    for (norm, lr, warmup), runs_at in lines.items():
+        row = [f"{norm}, lr {lr_text(lr)}, warm-up {warmup}"]
+        for depth in depths:
+            runs = runs_at.get(depth, [])
+            row.append(
+                f"{mean_spread(losses(runs))} ({len(runs)}) [{escape_text(runs)}]" if runs else ""
+            )
+        rows.append(row)
+    return markdown_table(["setting \\ blocks", *map(str, depths)], rows)
+
+
+def plot_loss_vs_depth(cells: dict[Cell, list[dict]], path: Path) -> bool:
+    """Final val loss against depth, a line per (placement, lr, warm-up) run at two or more
+    depths, each run a dot; False (nothing drawn) when no setting ran at two depths."""
+    lines = depth_settings(cells)
     if not lines:
         return False
     figure = Figure(figsize=(6.5, 4), layout="constrained")
@@ -319,7 +341,12 @@ def report(directory: Path, out: Path, band_width: float = 0.05) -> list[Path]:
         )
     if plot_loss_vs_depth(cells, out / "loss_vs_depth.png"):
         written.append(out / "loss_vs_depth.png")
-        sections.append("## Depth\n\n![final val loss against depth](loss_vs_depth.png)")
+        sections.append(
+            "## Depth\n\nFinal val loss (mean ± std, runs) [plateau escape step of each run], "
+            "same tokens at every depth:\n\n"
+            + depth_table(cells)
+            + "\n\n![final val loss against depth](loss_vs_depth.png)"
+        )
     deepest = max(c.n_layers for c in cells)
     if deepest > 32 and plot_gradient_profiles(summaries, deepest, out / "gradient_profiles.png"):
         written.append(out / "gradient_profiles.png")
