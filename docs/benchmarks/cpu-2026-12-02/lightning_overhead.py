@@ -5,6 +5,7 @@ from spannorm.lm import LanguageModel
 from spannorm.analysis.benchmark import BareLoop, quiet_lightning
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 torch.set_num_threads(1); quiet_lightning()
 if os.environ.get("NOLOG"): LanguageModel.log = lambda self, *a, **k: None
 MODEL=dict(vocab_size=16,d_model=8,n_layers=1,n_heads=1,max_seq_len=8)
@@ -18,9 +19,9 @@ class Clock(L.Callback):
 clock=Clock()
 cbs=[instantiate(c) for k,c in cfg.callbacks.items() if c is not None and k not in ("checkpoint","experts","hparams", *os.environ.get("SKIP","").split(",")) and (bar or k!="progress")]
 tr=L.Trainer(accelerator="cpu",max_steps=N,gradient_clip_val=1.0,logger=False,enable_checkpointing=False,enable_progress_bar=bar,enable_model_summary=False,callbacks=[clock,*cbs])
-tr.fit(LanguageModel(**MODEL), DataLoader(data,batch_size=None))
+tr.fit(LanguageModel(**MODEL, optim=OmegaConf.to_container(cfg.optim)), DataLoader(data,batch_size=None))
 lw=[b-a for a,b in zip(clock.ends[10:],clock.ends[11:])]; lc=[b-a for a,b in zip(clock.cpu[10:],clock.cpu[11:])]
-loop=BareLoop(LanguageModel(**MODEL),N,1.0); it=iter(DataLoader(data,batch_size=None))
+loop=BareLoop(LanguageModel(**MODEL, optim=OmegaConf.to_container(cfg.optim)),N,1.0); it=iter(DataLoader(data,batch_size=None))
 bw,bc=[],[]
 for i in range(N):
     w,c=time.perf_counter(),time.process_time(); loop.step(next(it)); bw.append(time.perf_counter()-w); bc.append(time.process_time()-c)
