@@ -108,9 +108,10 @@ def test_the_global_batch_trains_the_same_whatever_the_processes_and_micro_batch
     """Same weights up to summation order. Splitting the batch changes the order in which fp32
     gradients are summed (~1e-7 relative), and Adam divides each update by the gradient's own
     size, so an element whose gradient is near zero carries that noise into a full-size step:
-    a clean CI run saw one element of 11264 off by 1.6e-6 (relative 3e-4) after 4 steps, where
-    atol was 1e-6. A real fault (a dropped or doubled micro batch, a wrong lr schedule)
-    moves weights by the size of the updates, ~lr = 1e-2 per step here, three orders above atol."""
+    a clean CI run on an Intel Xeon (AVX-512 kernels) saw one element of 11264 off by 1.6e-6
+    (relative 3e-4, the same on a rerun) after 4 steps, where atol was 1e-6. A real fault (a
+    dropped or doubled micro batch, a wrong lr schedule) moves weights by the size of the
+    updates, ~lr = 1e-2 per step here, three orders above atol."""
     assert_close(weights(runs[run]), weights(runs["batch16"]), rtol=1e-4, atol=1e-5)
 
 
