@@ -102,11 +102,12 @@ best_seeds() {  # a third seed at each placement's best cell
 }
 
 depths() {  # 8, 16 and 64 blocks (same tokens): prenorm and spannorm at their best 32-block
-  # cell (seeds 1 and 2) and at a neighbouring lr (seed 1); postnorm at prenorm's best (seed 1).
+  # cell (seeds 1 and 2) and at a neighbouring lr (seed 1); postnorm at prenorm's best (seed 1,
+  # at 32 blocks too; the 32-block prenorm and spannorm runs are the grid's, skipped as done).
   # Shallow first: 8 and 16 blocks cost a quarter and a half of a 32-block run, so the curve
   # over 8-32 is on record before the 64-block runs (twice the cost) start
   local layers norm lr w
-  for layers in 8 16 64; do
+  for layers in 8 16 32 64; do
     for norm in prenorm spannorm; do
       read -r lr w <<< "$(best $norm)"
       cell "$norm" "$lr" "$w" 1 "$layers"
