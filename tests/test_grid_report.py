@@ -70,5 +70,8 @@ def test_report_writes_tables_with_escapes_and_depth(tmp_path):
     assert "100, never" in text  # the seed of spannorm at 6e-3 that stayed on the plateau
     # the depth table: a row per setting run at two or more depths
     assert "| setting \\ blocks | 32 | 64 |" in text
-    assert "| spannorm, lr 3e-3, warm-up 150 | 4.7850 ± 0.0071 (2) [100, 100] | 4.9000 (1) [100] |" in text
+    assert (
+        "| spannorm, lr 3e-3, warm-up 150 | 4.7850 ± 0.0071 (2) [100, 100] | 4.9000 (1) [100] |"
+        in text
+    )
     assert "at step 50" in text
