@@ -38,6 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from spannorm.analysis.benchmark import median_interval
 from spannorm.model import TransformerConfig, TransformerLM
+from spannorm.parallel import apply_compile
 
 ARMS = ("minimal", "minimal rope", "ours gelu", "ours")
 RATIOS = {  # name -> (numerator arm, denominator arm), as throughputs
@@ -127,8 +128,7 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build(arm: str, args: argparse.Namespace) -> nn.Module:
     model = build_eager(arm, args)
     if args.compile == "all" or (args.compile == "ours" and not arm.startswith("minimal")):
-        for block in model.blocks:
-            block.compile()
+        apply_compile(model)  # the template's own: each of `model.blocks` in place
     return model
 
 
