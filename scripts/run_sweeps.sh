@@ -125,16 +125,19 @@ depths() {  # 8, 16 and 64 blocks (same tokens): prenorm and spannorm at their b
 }
 
 grid() {  # issue 16's queue, most informative first: the likely-best cells (warm-up 150/300 at
-  # lr 3e-3/6e-3) with seeds 1 and 2, a third seed at each best, lns once, then the depth runs,
-  # then the rest of the grid (lr 1e-3 and 1e-2, warm-up 60) with two seeds
+  # lr 3e-3/6e-3) with seeds 1 and 2, a third seed at each best, lns once; then lr 1e-2 next to
+  # the best cell (both placements' best, lr 6e-3 / warm-up 300, sits at the grid's edge, so the
+  # depth runs wait until the cell beyond it has two seeds); then the depth runs (at the best
+  # cell as it stands then), then the rest of the grid (lr 1e-3, warm-up 60) with two seeds
   grid_rounds "150 3e-3 1" "150 6e-3 1" "300 3e-3 1" "300 6e-3 1" \
     "150 3e-3 2" "150 6e-3 2" "300 3e-3 2" "300 6e-3 2"
   best_seeds
   read -r lr w <<< "$(best prenorm)"
   cell lns "$lr" "$w" 1
+  grid_rounds "300 1e-2 1" "300 1e-2 2" "150 1e-2 1"
   depths
-  grid_rounds "60 3e-3 1" "60 6e-3 1" "150 1e-2 1" "300 1e-2 1" "150 1e-3 1" "300 1e-3 1" \
-    "60 1e-3 1" "60 1e-2 1" "60 3e-3 2" "60 6e-3 2" "150 1e-2 2" "300 1e-2 2" "150 1e-3 2" \
+  grid_rounds "60 3e-3 1" "60 6e-3 1" "150 1e-3 1" "300 1e-3 1" \
+    "60 1e-3 1" "60 1e-2 1" "60 3e-3 2" "60 6e-3 2" "150 1e-2 2" "150 1e-3 2" \
     "300 1e-3 2" "60 1e-3 2" "60 1e-2 2"
 }
 
