@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import json
 
-from spannorm.analysis.grid import band, best_cell, by_cell, load_summaries, report
+from spannorm.analysis.grid import (
+    band,
+    best_cell,
+    by_cell,
+    heatmap_range,
+    load_summaries,
+    report,
+)
 
 
 def summary(norm, lr, warmup, seed, loss, escape=100, layers=32, diverged=None):
@@ -75,3 +82,11 @@ def test_report_writes_tables_with_escapes_and_depth(tmp_path):
         in text
     )
     assert "at step 50" in text
+
+
+def test_heatmap_scale_is_capped_above_the_best_so_a_plateau_run_does_not_flatten_it():
+    # a PostNorm run on the plateau (6.42) beside tuned runs (4.68-4.90)
+    assert heatmap_range([4.68, 4.90, 6.42]) == (4.68, 4.68 + 0.75, True)
+    # every cell within the span: the scale is the data's own range, nothing clipped
+    assert heatmap_range([4.68, 4.90, float("nan")]) == (4.68, 4.90, False)
+    assert heatmap_range([float("nan")]) == (0.0, 1.0, False)

@@ -168,25 +168,41 @@ def summary_table(cells: dict[Cell, list[dict]], norms: list[str], width: float)
     return markdown_table(header, rows)
 
 
+HEATMAP_SPAN = 0.75  # nats of color scale above the best cell; worse cells share the top color
+
+
+def heatmap_range(means: list[float], span: float = HEATMAP_SPAN) -> tuple[float, float, bool]:
+    """(low, high, clipped): the color scale of the heat maps. It starts at the best mean and
+    covers at most `span` nats, so that a run left on the unigram plateau (~6.4) does not squeeze
+    the differences that matter (tenths of a nat near ~4.7) into one color; `clipped` says that
+    some cell lies above it (drawn in the top color, its number still written on it)."""
+    finite = [m for m in means if not math.isnan(m)]
+    if not finite:
+        return 0.0, 1.0, False
+    low, high = min(finite), max(finite)
+    if high - low <= span:
+        return low, max(high, low + 1e-6), False
+    return low, low + span, True
+
+
 def plot_heatmaps(cells: dict[Cell, list[dict]], norms: list[str], path: Path) -> None:
     """One panel per placement: mean final val loss over warm-up x learning rate, one shared
-    color scale, each cell annotated with its mean and number of runs."""
+    color scale (`heatmap_range`), each cell annotated with its mean and number of runs."""
     figure = Figure(figsize=(4.6 * len(norms), 3.6), layout="constrained")
     panels = figure.subplots(1, len(norms), squeeze=False)[0]
     at32 = {c: r for c, r in cells.items() if c.n_layers == 32}
-    means = [cell_mean(r) for r in at32.values()]
-    finite = [m for m in means if not math.isnan(m)]
-    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    lo, hi, clipped = heatmap_range([cell_mean(r) for r in at32.values()])
+    lrs = sorted({c.lr for c in at32})
+    warmups = sorted({c.warmup for c in at32})
     image = None
     for axes, norm in zip(panels, norms, strict=True):
-        lrs = sorted({c.lr for c in at32})
-        warmups = sorted({c.warmup for c in at32})
         grid = [[cell_mean(at32.get(Cell(norm, 32, lr, w), [])) for lr in lrs] for w in warmups]
         image = axes.imshow(grid, cmap="viridis_r", vmin=lo, vmax=hi, aspect="auto")
         for i, w in enumerate(warmups):
             for j, lr in enumerate(lrs):
                 runs = at32.get(Cell(norm, 32, lr, w), [])
                 if runs:
+                    dark = (grid[i][j] - lo) / (hi - lo) > 0.5  # viridis_r: high = dark
                     axes.text(
                         j,
                         i,
@@ -194,13 +210,16 @@ def plot_heatmaps(cells: dict[Cell, list[dict]], norms: list[str], path: Path) -
                         ha="center",
                         va="center",
                         fontsize=8,
-                        color="w",
+                        color="w" if dark else "k",
                     )
         axes.set_xticks(range(len(lrs)), [lr_text(lr) for lr in lrs])
         axes.set_yticks(range(len(warmups)), [str(w) for w in warmups])
         axes.set(title=norm, xlabel="learning rate", ylabel="warm-up steps")
     if image is not None:
-        figure.colorbar(image, ax=list(panels), label="final val loss (nats), mean over seeds")
+        label = "final val loss (nats), seed mean"
+        if clipped:
+            label += f"\ncapped at best + {HEATMAP_SPAN}"
+        figure.colorbar(image, ax=list(panels), label=label, extend="max" if clipped else "neither")
     figure.savefig(path, dpi=100)
 
 
