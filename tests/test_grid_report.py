@@ -11,6 +11,8 @@ from spannorm.analysis.grid import (
     by_cell,
     heatmap_range,
     load_summaries,
+    paired_by_seed,
+    paired_table,
     report,
 )
 
@@ -90,3 +92,22 @@ def test_heatmap_scale_is_capped_above_the_best_so_a_plateau_run_does_not_flatte
     # every cell within the span: the scale is the data's own range, nothing clipped
     assert heatmap_range([4.68, 4.90, float("nan")]) == (4.68, 4.90, False)
     assert heatmap_range([float("nan")]) == (0.0, 1.0, False)
+
+
+def test_pairs_by_seed_match_depth_cell_and_seed_and_count_diverged_runs_out(tmp_path):
+    runs = [
+        summary("prenorm", 6e-3, 300, 1, 4.80),
+        summary("prenorm", 6e-3, 300, 2, 4.90),
+        summary("prenorm", 6e-3, 300, 3, 4.85),  # no spannorm seed 3: unpaired
+        summary("spannorm", 6e-3, 300, 1, 4.70),
+        summary("spannorm", 6e-3, 300, 2, 4.95),
+        summary("prenorm", 6e-3, 300, 1, 5.00, layers=8),
+        summary("spannorm", 6e-3, 300, 1, float("nan"), layers=8, diverged=40),
+        summary("spannorm", 1e-2, 300, 1, 4.60),  # no prenorm at this cell: unpaired
+    ]
+    cells = by_cell(load_summaries(write(tmp_path, runs)))
+    pairs = paired_by_seed(cells, "prenorm", "spannorm")
+    assert [(c.n_layers, seed) for c, seed, _, _ in pairs] == [(8, 1), (32, 1), (32, 2)]
+    assert [round(b - a, 2) for _, _, a, b in pairs[1:]] == [-0.10, 0.05]
+    text = paired_table(cells, "prenorm", "spannorm")
+    assert text.startswith("spannorm ends lower in 1 of 2 pairs")

@@ -185,6 +185,54 @@ def heatmap_range(means: list[float], span: float = HEATMAP_SPAN) -> tuple[float
     return low, low + span, True
 
 
+def paired_by_seed(
+    cells: dict[Cell, list[dict]], first: str, second: str
+) -> list[tuple[Cell, int, float, float]]:
+    """(cell of `first`, seed, its final loss, `second`'s) for every (depth, lr, warm-up, seed)
+    that both placements ran: the comparison in which the seed's data order and init draw are
+    shared, so the difference is the placement's. A diverged run's loss is NaN."""
+    pairs = []
+    for c, runs in sorted(cells.items(), key=lambda kv: (kv[0].n_layers, kv[0].lr, kv[0].warmup)):
+        if c.norm != first:
+            continue
+        other = {
+            r["settings"]["seed"]: r
+            for r in cells.get(Cell(second, c.n_layers, c.lr, c.warmup), [])
+        }
+        for r in sorted(runs, key=lambda r: r["settings"]["seed"]):
+            seed = r["settings"]["seed"]
+            if seed in other:
+                pairs.append((c, seed, final_loss(r), final_loss(other[seed])))
+    return pairs
+
+
+def paired_table(cells: dict[Cell, list[dict]], first: str, second: str) -> str:
+    """A line of totals (how often `second` ends lower, the median difference) and a row per pair."""
+    pairs = paired_by_seed(cells, first, second)
+    if not pairs:
+        return ""
+    differences = [b - a for _, _, a, b in pairs if not (math.isnan(a) or math.isnan(b))]
+    lower = sum(d < 0 for d in differences)
+    rows = [
+        [
+            str(c.n_layers),
+            f"lr {lr_text(c.lr)}, warm-up {c.warmup}",
+            str(seed),
+            format_number(a),
+            format_number(b),
+            format_number(b - a),
+        ]
+        for c, seed, a, b in pairs
+    ]
+    header = ["blocks", "cell", "seed", first, second, f"{second} - {first}"]
+    median = format_number(statistics.median(differences)) if differences else "n/a"
+    return (
+        f"{second} ends lower in {lower} of {len(differences)} pairs (median difference "
+        f"{median} nats; pairs where a run diverged are left out of the count).\n\n"
+        + markdown_table(header, rows)
+    )
+
+
 def plot_heatmaps(cells: dict[Cell, list[dict]], norms: list[str], path: Path) -> None:
     """One panel per placement: mean final val loss over warm-up x learning rate, one shared
     color scale (`heatmap_range`), each cell annotated with its mean and number of runs."""
@@ -351,6 +399,9 @@ def report(directory: Path, out: Path, band_width: float = 0.05) -> list[Path]:
         "## Best cell and band per placement\n\n" + summary_table(cells, norms, band_width),
         "![final val loss over the grid](grid_heatmap.png)",
     ]
+    paired = paired_table(cells, "prenorm", "spannorm")
+    if paired:
+        sections.append("## PreNorm against SpanNorm, paired by seed\n\n" + paired)
     for norm in norms:
         loss_table, escape_table = grid_tables(cells, norm)
         sections.append(
