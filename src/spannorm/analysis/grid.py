@@ -296,30 +296,46 @@ def depth_table(cells: dict[Cell, list[dict]]) -> str:
     return markdown_table(["setting \\ blocks", *map(str, depths)], rows)
 
 
+DEPTH_ZOOM = 0.4  # nats above the lowest run shown in the zoomed depth panel
+
+
 def plot_loss_vs_depth(cells: dict[Cell, list[dict]], path: Path) -> bool:
     """Final val loss against depth, a line per (placement, lr, warm-up) run at two or more
     depths, each run a dot; False (nothing drawn) when no setting ran at two depths."""
     lines = depth_settings(cells)
     if not lines:
         return False
-    figure = Figure(figsize=(6.5, 4), layout="constrained")
-    axes = figure.subplots()
-    for color, ((norm, lr, warmup), depths) in enumerate(sorted(lines.items())):
-        xs = sorted(depths)
-        axes.plot(
-            xs,
-            [cell_mean(depths[x]) for x in xs],
-            "o-",
-            color=f"C{color % 10}",
-            label=f"{norm} lr {lr_text(lr)} w {warmup}",
-        )
-        for x in xs:
-            values = losses(depths[x])
-            axes.scatter([x] * len(values), values, color=f"C{color % 10}", s=10, alpha=0.5)
-    axes.set_xscale("log", base=2)
-    axes.set(xlabel="blocks", ylabel="final val loss (nats)", title="loss against depth")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
+    figure = Figure(figsize=(11, 4), layout="constrained")
+    panels = figure.subplots(1, 2)
+    finite = [
+        v
+        for depths in lines.values()
+        for runs in depths.values()
+        for v in losses(runs)
+        if not math.isnan(v)
+    ]
+    for axes in panels:
+        for color, ((norm, lr, warmup), depths) in enumerate(sorted(lines.items())):
+            xs = sorted(depths)
+            axes.plot(
+                xs,
+                [cell_mean(depths[x]) for x in xs],
+                "o-",
+                color=f"C{color % 10}",
+                label=f"{norm} lr {lr_text(lr)} w {warmup}",
+            )
+            for x in xs:
+                values = losses(depths[x])
+                axes.scatter([x] * len(values), values, color=f"C{color % 10}", s=10, alpha=0.5)
+        axes.set_xscale("log", base=2)
+        axes.set(xlabel="blocks", ylabel="final val loss (nats)")
+        axes.grid(alpha=0.3)
+    panels[0].set_title("loss against depth")
+    panels[0].legend(fontsize=7)
+    if finite:  # the right panel zooms on the trained runs; a plateau run (~6.4) leaves it
+        low = min(finite)
+        panels[1].set_ylim(low - 0.03, low + DEPTH_ZOOM)
+    panels[1].set_title(f"zoom: best + {DEPTH_ZOOM} nats (each dot a run)")
     figure.savefig(path, dpi=100)
     return True
 
