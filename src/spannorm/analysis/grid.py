@@ -199,7 +199,7 @@ def paired_by_seed(
             r["settings"]["seed"]: r
             for r in cells.get(Cell(second, c.n_layers, c.lr, c.warmup), [])
         }
-        for r in sorted(runs, key=lambda r: r["settings"]["seed"]):
+        for r in runs:  # by_cell keeps each cell's runs in seed order
             seed = r["settings"]["seed"]
             if seed in other:
                 pairs.append((c, seed, final_loss(r), final_loss(other[seed])))
@@ -307,13 +307,7 @@ def plot_loss_vs_depth(cells: dict[Cell, list[dict]], path: Path) -> bool:
         return False
     figure = Figure(figsize=(11, 4), layout="constrained")
     panels = figure.subplots(1, 2)
-    finite = [
-        v
-        for depths in lines.values()
-        for runs in depths.values()
-        for v in losses(runs)
-        if not math.isnan(v)
-    ]
+    finite = [v for depths in lines.values() for runs in depths.values() for v in losses(runs)]
     for axes in panels:
         for color, ((norm, lr, warmup), depths) in enumerate(sorted(lines.items())):
             xs = sorted(depths)
