@@ -76,6 +76,9 @@ def summarize(run_dir: Path, baseline: float, margin: float = 0.3) -> dict:
         if logged
         else escape_step(train_loss, baseline - margin),
         "median_tokens_per_sec": run.median_tokens_per_sec,
+        # torch's thread count at each start, [step, threads] (a resumed run has one per start;
+        # absent from runs made before it was logged, which all ran on one thread)
+        "torch_threads": run.scalars.get("throughput/torch_threads", []),
         "train_loss": train_loss,
         "val_loss": run.scalars.get("val/loss", []),
         # per-block statistics at the last step they were logged (layers/<metric>/block_<l>)

@@ -4,6 +4,7 @@ namespace, MoE statistics, the divergence guard on an injected NaN, spike counti
 from __future__ import annotations
 
 import copy
+import json
 import math
 from types import SimpleNamespace
 
@@ -165,11 +166,27 @@ def test_cli_run_logs_every_namespace_an_image_and_hparams(monitored_run):
         assert scalars[f"throughput/{metric}"] and all(
             v > 0 for _, v in scalars[f"throughput/{metric}"]
         )
+    assert scalars["throughput/torch_threads"] == [(0, 1.0)]  # run_entry sets OMP_NUM_THREADS=1
     assert scalars["train/loss_spikes"] and "train/diverged" not in scalars
     assert scalars["hp/final_val_loss"][-1][1] == pytest.approx(scalars["val/loss"][-1][1])
     events = EventAccumulator(str(monitored_run / "tb")).Reload()
     assert events.Tags()["images"] == ["layers/profile"]
     assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
+
+
+@pytest.mark.slow
+def test_sweep_summary_keeps_what_the_grid_report_reads(monitored_run, tmp_path):
+    out = tmp_path / "summary.json"
+    run_entry(
+        "scripts/sweep_summary.py", str(monitored_run), "--baseline", "9.0", "--out", str(out)
+    )
+    summary = json.loads(out.read_text())
+    scalars = read_scalars(monitored_run)
+    assert summary["complete"] and summary["last_step"] == 19
+    assert summary["final_val_loss"] == pytest.approx(scalars["val/loss"][-1][1])
+    assert summary["settings"]["trainer.max_steps"] == 20
+    assert summary["torch_threads"] == [[0, 1.0]]
+    assert [step for step, _ in summary["stream_grad_norm_history"]] == [0, 5, 10, 15]
 
 
 def test_moe_run_logs_expert_load_and_router_entropy(tiny_corpus, tmp_path, one_thread):

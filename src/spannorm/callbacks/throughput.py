@@ -91,7 +91,10 @@ def peak_memory_mib(device: torch.device) -> float:
 class ThroughputMonitor(L.Callback):
     """Every `every_n_steps` optimizer steps: throughput/tokens_per_sec (all processes),
     tokens_per_sec_per_device, step_time_ms, tflops (achieved model TFLOP/s per device), mfu,
-    peak_tflops (the MFU denominator, per device) and peak_memory_mib (the highest process)."""
+    peak_tflops (the MFU denominator, per device) and peak_memory_mib (the highest process).
+    At every start (a resumed run too): throughput/torch_threads, torch's intra-op thread count
+    (on CPU it sets the speed, and float rounding: the same seed on 1 and on 2 threads differs
+    by 1e-6 in the loss after 20 steps, which the unigram plateau can amplify)."""
 
     def __init__(
         self, every_n_steps: int = 10, warmup_steps: int = 2, peak_flops: float | None = None
@@ -114,6 +117,8 @@ class ThroughputMonitor(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self.peak, source = peak_flops(pl_module.device, self.configured_peak)
         rank_zero_info(f"MFU peak: {self.peak / 1e12:.3g} TFLOP/s ({source})")
+        threads = float(torch.get_num_threads())
+        log_scalars(trainer, {"throughput/torch_threads": threads}, trainer.global_step)
         self._first_step = trainer.global_step
         self._window_step = None
 
