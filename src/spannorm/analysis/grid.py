@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from spannorm.analysis.compare import format_number, markdown_table, mean_spread
 
@@ -335,8 +336,9 @@ def plot_loss_vs_depth(cells: dict[Cell, list[dict]], path: Path) -> bool:
 
 
 def plot_gradient_profiles(summaries: list[dict], n_layers: int, path: Path) -> bool:
-    """The per-block stream gradient norm of every run at `n_layers` blocks, at its last logged
-    step (solid) and its first (dashed); False when there are none."""
+    """The per-block stream gradient norm of every run at `n_layers` blocks, at its first logged
+    step (dashed) and its last (solid), one color per placement (its runs at every lr and seed
+    alike); False when there are none."""
     runs = [
         s
         for s in summaries
@@ -344,26 +346,37 @@ def plot_gradient_profiles(summaries: list[dict], n_layers: int, path: Path) -> 
     ]
     if not runs:
         return False
+    norms = sorted({run["settings"]["model.norm"] for run in runs})
     figure = Figure(figsize=(6.5, 4), layout="constrained")
     axes = figure.subplots()
-    for color, run in enumerate(runs):
+    for run in runs:
+        norm = run["settings"]["model.norm"]
+        color = f"C{norms.index(norm) % 10}"
         history = run["stream_grad_norm_history"]
-        for (step, profile), style in ((history[0], "--"), (history[-1], "-")):
-            axes.plot(
-                range(len(profile)),
-                profile,
-                style,
-                color=f"C{color % 10}",
-                label=f"{run['name']} step {step}",
-            )
+        for (_, profile), style in ((history[0], "--"), (history[-1], "-")):
+            axes.plot(range(len(profile)), profile, style, color=color, linewidth=1, alpha=0.8)
+    counts = {norm: sum(r["settings"]["model.norm"] == norm for r in runs) for norm in norms}
+    handles = [
+        Line2D(
+            [],
+            [],
+            color=f"C{i % 10}",
+            label=f"{norm} ({counts[norm]} run{'s' * (counts[norm] > 1)})",
+        )
+        for i, norm in enumerate(norms)
+    ]
+    handles += [
+        Line2D([], [], color="black", linestyle="--", label="first logged step"),
+        Line2D([], [], color="black", label="last logged step"),
+    ]
     axes.set_yscale("log")
     axes.set(
         xlabel="block",
         ylabel="stream gradient norm",
-        title=f"per-block gradient, {n_layers} blocks",
+        title=f"per-block gradient, {n_layers} blocks (every run)",
     )
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=6)
+    axes.legend(handles=handles, fontsize=7)
     figure.savefig(path, dpi=100)
     return True
 
