@@ -77,6 +77,10 @@ def test_report_writes_tables_with_escapes_and_depth(tmp_path):
     assert "| spannorm | lr 3e-3, warm-up 150 | 4.7850 ± 0.0071 (2) |" in text
     assert "| 150 | 4.0000 (1) | 4.7850 ± 0.0071 (2) | 5.5400 ± 1.0748 (2) |" in text
     assert "100, never" in text  # the seed of spannorm at 6e-3 that stayed on the plateau
+    # side by side: a row per warm-up and placement that ran there, a cell not run left empty
+    assert "| 60, prenorm |" not in text and "| 60, spannorm |  |  |  | – (1) [100] |" in text
+    assert "| 150, prenorm |  | 4.8500 ± 0.0707 (2) [100, 100] |" in text
+    assert "| 150, spannorm | 4.0000 (1) [100] | 4.7850 ± 0.0071 (2) [100, 100] |" in text
     # the depth table: a row per setting run at two or more depths
     assert "| setting \\ blocks | 32 | 64 |" in text
     assert (

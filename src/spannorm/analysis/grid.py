@@ -127,6 +127,31 @@ def grid_tables(cells: dict[Cell, list[dict]], norm: str, n_layers: int = 32) ->
     return markdown_table(header, loss_rows), markdown_table(header, escape_rows)
 
 
+def side_by_side_table(cells: dict[Cell, list[dict]], norms: list[str], n_layers: int = 32) -> str:
+    """A row per warm-up and placement, a column per learning rate: the final val loss (mean ±
+    std, n runs) and each run's plateau escape step, so the placements read cell against cell."""
+    mine = {c: r for c, r in cells.items() if c.norm in norms and c.n_layers == n_layers}
+    lrs = sorted({c.lr for c in mine})
+    rows = []
+    for warmup in sorted({c.warmup for c in mine}):
+        for norm in norms:
+            runs_at = [mine.get(Cell(norm, n_layers, lr, warmup), []) for lr in lrs]
+            if not any(runs_at):
+                continue
+            rows.append(
+                [
+                    f"{warmup}, {norm}",
+                    *(
+                        f"{mean_spread(losses(runs))} ({len(runs)}) [{escape_text(runs)}]"
+                        if runs
+                        else ""
+                        for runs in runs_at
+                    ),
+                ]
+            )
+    return markdown_table(["warm-up, placement \\ lr", *map(lr_text, lrs)], rows)
+
+
 def summary_table(cells: dict[Cell, list[dict]], norms: list[str], width: float) -> str:
     rows = []
     for norm in norms:
@@ -422,6 +447,12 @@ def report(directory: Path, out: Path, band_width: float = 0.05) -> list[Path]:
         "## Best cell and band per placement\n\n" + summary_table(cells, norms, band_width),
         "![final val loss over the grid](grid_heatmap.png)",
     ]
+    if {"prenorm", "spannorm"} <= set(norms):
+        sections.append(
+            "## PreNorm and SpanNorm side by side\n\nFinal val loss (mean ± std, runs) "
+            "[plateau escape step of each run]:\n\n"
+            + side_by_side_table(cells, ["prenorm", "spannorm"])
+        )
     paired = paired_table(cells, "prenorm", "spannorm")
     if paired:
         sections.append("## PreNorm against SpanNorm, paired by seed\n\n" + paired)
