@@ -77,7 +77,7 @@ def summarize(run_dir: Path, baseline: float, margin: float = 0.3) -> dict:
         else escape_step(train_loss, baseline - margin),
         "median_tokens_per_sec": run.median_tokens_per_sec,
         # torch's thread count at each start, [step, threads] (a resumed run has one per start;
-        # absent from runs made before it was logged, which all ran on one thread)
+        # empty for runs whose every start came before it was logged, see docs/results.md)
         "torch_threads": run.scalars.get("throughput/torch_threads", []),
         "train_loss": train_loss,
         "val_loss": run.scalars.get("val/loss", []),

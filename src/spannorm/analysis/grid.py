@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,15 @@ def escape_text(runs: list[dict]) -> str:
     return ", ".join("never" if s is None else str(int(s)) for s in steps)
 
 
+def loss_text(runs: list[dict], escapes: bool = False) -> str:
+    """A cell's final val loss, "mean ± std (n runs)", with each run's escape step in brackets if
+    `escapes`; empty for a cell that did not run."""
+    if not runs:
+        return ""
+    text = f"{mean_spread(losses(runs))} ({len(runs)})"
+    return f"{text} [{escape_text(runs)}]" if escapes else text
+
+
 def grid_tables(cells: dict[Cell, list[dict]], norm: str, n_layers: int = 32) -> tuple[str, str]:
     """Warm-up rows x learning-rate columns: the final val loss (mean ± std, n runs), and each
     run's plateau escape step."""
@@ -118,8 +128,7 @@ def grid_tables(cells: dict[Cell, list[dict]], norm: str, n_layers: int = 32) ->
         loss_cells, escape_cells = [], []
         for lr in lrs:
             runs = mine.get(Cell(norm, n_layers, lr, warmup), [])
-            n = len(runs)
-            loss_cells.append(f"{mean_spread(losses(runs))} ({n})" if n else "")
+            loss_cells.append(loss_text(runs))
             escape_cells.append(escape_text(runs))
         loss_rows.append([str(warmup), *loss_cells])
         escape_rows.append([str(warmup), *escape_cells])
@@ -138,17 +147,7 @@ def side_by_side_table(cells: dict[Cell, list[dict]], norms: list[str], n_layers
             runs_at = [mine.get(Cell(norm, n_layers, lr, warmup), []) for lr in lrs]
             if not any(runs_at):
                 continue
-            rows.append(
-                [
-                    f"{warmup}, {norm}",
-                    *(
-                        f"{mean_spread(losses(runs))} ({len(runs)}) [{escape_text(runs)}]"
-                        if runs
-                        else ""
-                        for runs in runs_at
-                    ),
-                ]
-            )
+            rows.append([f"{warmup}, {norm}", *(loss_text(r, escapes=True) for r in runs_at)])
     return markdown_table(["warm-up, placement \\ lr", *map(lr_text, lrs)], rows)
 
 
@@ -171,7 +170,7 @@ def summary_table(cells: dict[Cell, list[dict]], norms: list[str], width: float)
             [
                 norm,
                 f"lr {lr_text(best.lr)}, warm-up {best.warmup}",
-                f"{mean_spread(losses(runs))} ({len(runs)})",
+                loss_text(runs),
                 format_number(min(losses(runs), default=math.nan)),
                 format_number(max(losses(runs), default=math.nan)),
                 f"{len(members)} of {sum(1 for c in cells if c.norm == norm and c.n_layers == 32)}: "
@@ -314,10 +313,7 @@ def depth_table(cells: dict[Cell, list[dict]]) -> str:
     for (norm, lr, warmup), runs_at in lines.items():
         row = [f"{norm}, lr {lr_text(lr)}, warm-up {warmup}"]
         for depth in depths:
-            runs = runs_at.get(depth, [])
-            row.append(
-                f"{mean_spread(losses(runs))} ({len(runs)}) [{escape_text(runs)}]" if runs else ""
-            )
+            row.append(loss_text(runs_at.get(depth, []), escapes=True))
         rows.append(row)
     return markdown_table(["setting \\ blocks", *map(str, depths)], rows)
 
@@ -371,7 +367,8 @@ def plot_gradient_profiles(summaries: list[dict], n_layers: int, path: Path) -> 
     ]
     if not runs:
         return False
-    norms = sorted({run["settings"]["model.norm"] for run in runs})
+    counts = Counter(run["settings"]["model.norm"] for run in runs)
+    norms = sorted(counts)
     figure = Figure(figsize=(6.5, 4), layout="constrained")
     axes = figure.subplots()
     for run in runs:
@@ -380,7 +377,6 @@ def plot_gradient_profiles(summaries: list[dict], n_layers: int, path: Path) -> 
         history = run["stream_grad_norm_history"]
         for (_, profile), style in ((history[0], "--"), (history[-1], "-")):
             axes.plot(range(len(profile)), profile, style, color=color, linewidth=1, alpha=0.8)
-    counts = {norm: sum(r["settings"]["model.norm"] == norm for r in runs) for norm in norms}
     handles = [
         Line2D(
             [],
