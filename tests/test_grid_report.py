@@ -4,15 +4,20 @@ plateau escapes, depth plot."""
 from __future__ import annotations
 
 import json
+import math
 
 from spannorm.analysis.grid import (
     band,
     best_cell,
     by_cell,
+    escape_correlation,
+    escape_correlation_text,
+    escape_points,
     heatmap_range,
     load_summaries,
     paired_by_seed,
     paired_table,
+    ranks,
     report,
 )
 
@@ -72,7 +77,13 @@ def test_best_cell_needs_two_seeds_and_the_band_is_measured_from_it(tmp_path):
 def test_report_writes_tables_with_escapes_and_depth(tmp_path):
     written = report(write(tmp_path), tmp_path / "out")
     names = [p.name for p in written]
-    assert names == ["grid.md", "grid_heatmap.png", "loss_vs_depth.png", "gradient_profiles.png"]
+    assert names == [
+        "grid.md",
+        "grid_heatmap.png",
+        "loss_vs_depth.png",
+        "escape_vs_loss.png",
+        "gradient_profiles.png",
+    ]
     text = (tmp_path / "out" / "grid.md").read_text()
     assert "| spannorm | lr 3e-3, warm-up 150 | 4.7850 ± 0.0071 (2) |" in text
     assert "| 150 | 4.0000 (1) | 4.7850 ± 0.0071 (2) | 5.5400 ± 1.0748 (2) |" in text
@@ -115,3 +126,37 @@ def test_pairs_by_seed_match_depth_cell_and_seed_and_count_diverged_runs_out(tmp
     assert [round(b - a, 2) for _, _, a, b in pairs[1:]] == [-0.10, 0.05]
     text = paired_table(cells, "prenorm", "spannorm")
     assert text.startswith("spannorm ends lower in 1 of 2 pairs")
+
+
+def test_ranks_share_ties_and_escape_correlation_counts_only_runs_that_escaped(tmp_path):
+    assert ranks([30.0, 10.0, 20.0, 10.0]) == [4.0, 1.5, 3.0, 1.5]
+    runs = [
+        summary("prenorm", 6e-3, 300, 1, 4.80, escape=70),
+        summary("prenorm", 6e-3, 150, 1, 4.90, escape=90),
+        summary("prenorm", 3e-3, 300, 1, 5.10, escape=120),
+        summary("prenorm", 1e-2, 60, 1, 6.40, escape=None),  # never: in the figure, not in rho
+        summary("prenorm", 1e-2, 300, 1, float("nan"), diverged=30),  # left out
+        summary("prenorm", 6e-3, 300, 1, 4.00, escape=300, layers=64),  # other depth: left out
+        summary("spannorm", 6e-3, 300, 1, 4.70, escape=100),
+        summary("spannorm", 6e-3, 300, 2, 4.60, escape=110),
+        summary("spannorm", 6e-3, 300, 3, 4.65, escape=120),
+    ]
+    points = escape_points(load_summaries(write(tmp_path, runs)))
+    assert sorted(points["prenorm"], key=lambda p: p[1]) == [
+        (70, 4.80, 300),
+        (90, 4.90, 150),
+        (120, 5.10, 300),
+        (None, 6.40, 60),
+    ]
+    assert escape_correlation(points["prenorm"]) == (1.0, 3)  # later escape, higher loss
+    rho, n = escape_correlation(points["spannorm"])
+    assert n == 3 and round(rho, 2) == -0.5
+    text = escape_correlation_text(points)
+    assert (
+        "- prenorm: Spearman's rank correlation of escape step and final loss 1.00 over the 3"
+        in text
+    )
+    assert "1 of 4 runs never left the plateau" in text
+    # two runs that escaped are too few for a correlation: no line rather than a meaningless one
+    rho, n = escape_correlation([(70, 4.8, 300), (90, 4.9, 300), (None, 6.4, 60)])
+    assert math.isnan(rho) and n == 2

@@ -402,6 +402,116 @@ def plot_gradient_profiles(summaries: list[dict], n_layers: int, path: Path) -> 
     return True
 
 
+WARMUP_MARKERS = {60: "o", 150: "s", 300: "^"}  # any other warm-up: "D"
+
+
+def escape_points(summaries: list[dict], n_layers: int = 32) -> dict[str, list[tuple]]:
+    """{placement: [(escape step or None, final val loss, warm-up)]} for each run at `n_layers`
+    blocks that finished without diverging."""
+    points: dict[str, list[tuple]] = {}
+    for s in summaries:
+        if int(s["settings"]["model.n_layers"]) != n_layers or math.isnan(final_loss(s)):
+            continue
+        norm = s["settings"]["model.norm"]
+        warmup = int(s["settings"]["optim.warmup_steps"])
+        points.setdefault(norm, []).append((s.get("plateau_escape_step"), final_loss(s), warmup))
+    return points
+
+
+def ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties sharing their average rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    result = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in order[i : j + 1]:
+            result[k] = (i + j) / 2 + 1
+        i = j + 1
+    return result
+
+
+def escape_correlation(points: list[tuple]) -> tuple[float, int]:
+    """Spearman's rank correlation of escape step and final loss over the runs that escaped,
+    and their number (NaN below three runs or when either has no spread)."""
+    escaped = [(step, loss) for step, loss, _ in points if step is not None]
+    if len(escaped) < 3:
+        return math.nan, len(escaped)
+    steps, values = zip(*escaped, strict=True)
+    try:
+        return statistics.correlation(ranks(list(steps)), ranks(list(values))), len(escaped)
+    except statistics.StatisticsError:  # every escape (or every loss) equal
+        return math.nan, len(escaped)
+
+
+def escape_correlation_text(points: dict[str, list[tuple]]) -> str:
+    """A line per placement with three or more runs that escaped: the rank correlation of escape
+    step and final loss over them (every cell together), and how many runs never escaped."""
+    lines = []
+    for norm, runs in sorted(points.items()):
+        rho, n = escape_correlation(runs)
+        if math.isnan(rho):
+            continue
+        never = sum(step is None for step, _, _ in runs)
+        lines.append(
+            f"- {norm}: Spearman's rank correlation of escape step and final loss "
+            f"{format_number(rho, 2)} over the {n} runs that escaped (every cell together); "
+            f"{never} of {len(runs)} runs never left the plateau."
+        )
+    return "\n".join(lines)
+
+
+def plot_escape_vs_loss(points: dict[str, list[tuple]], path: Path) -> bool:
+    """Final val loss against plateau escape step, a dot per run, one color per placement, one
+    marker per warm-up; runs that never escaped at the right edge. False when there are none."""
+    if not points:
+        return False
+    steps = [step for runs in points.values() for step, _, _ in runs if step is not None]
+    never_x = (max(steps) if steps else 0) + 40
+    figure = Figure(figsize=(6.5, 4), layout="constrained")
+    axes = figure.subplots()
+    for i, (_, runs) in enumerate(sorted(points.items())):
+        for step, loss, warmup in runs:
+            axes.scatter(
+                never_x if step is None else step,
+                loss,
+                color=f"C{i % 10}",
+                marker=WARMUP_MARKERS.get(warmup, "D"),
+                s=28,
+                alpha=0.8,
+            )
+    handles = [
+        Line2D([], [], color=f"C{i % 10}", marker="o", linestyle="", label=norm)
+        for i, norm in enumerate(sorted(points))
+    ]
+    warmups = sorted({w for runs in points.values() for _, _, w in runs})
+    handles += [
+        Line2D(
+            [],
+            [],
+            color="gray",
+            marker=WARMUP_MARKERS.get(w, "D"),
+            linestyle="",
+            label=f"warm-up {w}",
+        )
+        for w in warmups
+    ]
+    axes.axvline(never_x - 20, color="gray", linewidth=0.5, linestyle=":")
+    ticks = [t for t in axes.get_xticks() if 0 <= t <= never_x - 20]
+    axes.set_xticks([*ticks, never_x], [f"{t:g}" for t in ticks] + ["never"])
+    axes.set(
+        xlabel="plateau escape step",
+        ylabel="final val loss (nats)",
+        title="final loss against plateau escape (32 blocks, every run)",
+    )
+    axes.grid(alpha=0.3)
+    axes.legend(handles=handles, fontsize=7)
+    figure.savefig(path, dpi=100)
+    return True
+
+
 def runs_table(summaries: list[dict]) -> str:
     rows = [
         [
@@ -466,6 +576,14 @@ def report(directory: Path, out: Path, band_width: float = 0.05) -> list[Path]:
             "same tokens at every depth:\n\n"
             + depth_table(cells)
             + "\n\n![final val loss against depth](loss_vs_depth.png)"
+        )
+    points = escape_points(summaries)
+    if plot_escape_vs_loss(points, out / "escape_vs_loss.png"):
+        written.append(out / "escape_vs_loss.png")
+        sections.append(
+            "## Plateau escape against final loss (32 blocks)\n\n"
+            + escape_correlation_text(points)
+            + "\n\n![final val loss against plateau escape step](escape_vs_loss.png)"
         )
     deepest = max(c.n_layers for c in cells)
     if deepest > 32 and plot_gradient_profiles(summaries, deepest, out / "gradient_profiles.png"):
