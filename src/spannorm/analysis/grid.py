@@ -410,11 +410,11 @@ def escape_points(summaries: list[dict], n_layers: int = 32) -> dict[str, list[t
     blocks that finished without diverging."""
     points: dict[str, list[tuple]] = {}
     for s in summaries:
-        if int(s["settings"]["model.n_layers"]) != n_layers or math.isnan(final_loss(s)):
-            continue
-        norm = s["settings"]["model.norm"]
-        warmup = int(s["settings"]["optim.warmup_steps"])
-        points.setdefault(norm, []).append((s.get("plateau_escape_step"), final_loss(s), warmup))
+        cell, loss = cell_of(s), final_loss(s)
+        if cell.n_layers == n_layers and not math.isnan(loss):
+            points.setdefault(cell.norm, []).append(
+                (s.get("plateau_escape_step"), loss, cell.warmup)
+            )
     return points
 
 
@@ -469,7 +469,8 @@ def plot_escape_vs_loss(points: dict[str, list[tuple]], path: Path) -> bool:
     if not points:
         return False
     steps = [step for runs in points.values() for step, _, _ in runs if step is not None]
-    never_x = (max(steps) if steps else 0) + 40
+    edge = (max(steps) if steps else 0) + 20  # the dotted line between escaped and never
+    never_x = edge + 20
     figure = Figure(figsize=(6.5, 4), layout="constrained")
     axes = figure.subplots()
     for i, (_, runs) in enumerate(sorted(points.items())):
@@ -498,8 +499,8 @@ def plot_escape_vs_loss(points: dict[str, list[tuple]], path: Path) -> bool:
         )
         for w in warmups
     ]
-    axes.axvline(never_x - 20, color="gray", linewidth=0.5, linestyle=":")
-    ticks = [t for t in axes.get_xticks() if 0 <= t <= never_x - 20]
+    axes.axvline(edge, color="gray", linewidth=0.5, linestyle=":")
+    ticks = [t for t in axes.get_xticks() if 0 <= t <= edge]
     axes.set_xticks([*ticks, never_x], [f"{t:g}" for t in ticks] + ["never"])
     axes.set(
         xlabel="plateau escape step",
