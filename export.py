@@ -8,7 +8,7 @@ from spannorm.cli import friendly_errors, launch
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")
 @friendly_errors
 def main(cfg):
-    from spannorm.export import run_export
+    from spannorm.cli.export import run_export
 
     return run_export(cfg)
 

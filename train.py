@@ -2,7 +2,8 @@
 
 import hydra
 
-from spannorm.cli import friendly_errors, launch, train
+from spannorm.cli import friendly_errors, launch
+from spannorm.cli.train import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

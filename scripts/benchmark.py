@@ -45,7 +45,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from spannorm.analysis.benchmark import (
+from spannorm.bench import (
     BareLoop,
     StepClock,
     bare_run,
@@ -59,7 +59,10 @@ from spannorm.analysis.benchmark import (
     twin_timing,
 )
 from spannorm.callbacks.throughput import flops_per_token
-from spannorm.cli import UsageError, build_datamodule, console, friendly_errors, launch
+from spannorm.cli import friendly_errors, launch
+from spannorm.console import console
+from spannorm.data.prepare import build_datamodule
+from spannorm.errors import UsageError
 from spannorm.model import PLACEMENTS
 
 REPO = Path(__file__).resolve().parents[1]

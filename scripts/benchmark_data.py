@@ -13,7 +13,7 @@ words, fixed seed), then, each in a fresh process:
   cores; reading the file is not timed): the floor a build's throughput is compared with;
 - times a start with the caches in place (`prepare_data` + `setup`, after the imports);
 - at the largest size, trains the default model for `--steps` steps with the bare loop of
-  spannorm.analysis.benchmark and reports the wait for the next batch as a share of a step.
+  spannorm.bench and reports the wait for the next batch as a share of a step.
 """
 
 from __future__ import annotations
@@ -182,8 +182,8 @@ def mode_steps(corpus: Path, cache: Path, steps: int) -> dict:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from spannorm.analysis.benchmark import BareLoop, bare_steps, endless
-    from spannorm.cli import register_resolvers
+    from spannorm.bench import BareLoop, bare_steps, endless
+    from spannorm.runs import register_resolvers
 
     register_resolvers()  # ${tokenizer_vocab:...} and the others of conf/
     overrides = [

@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from spannorm.analysis.benchmark import median_interval
+from spannorm.bench import median_interval
 from spannorm.model import TransformerConfig, TransformerLM
-from spannorm.parallel import apply_compile
+from spannorm.training.parallel import apply_compile
 
 ARMS = ("minimal", "minimal rope", "ours gelu", "ours")
 RATIOS = {  # name -> (numerator arm, denominator arm), as throughputs

@@ -34,7 +34,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from spannorm.cli import build_datamodule, register_resolvers
+from spannorm.data.prepare import build_datamodule
+from spannorm.runs import register_resolvers
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CLOCKS = {"wall": time.perf_counter, "process CPU": time.process_time}

@@ -153,7 +153,7 @@ from spannorm.cli import register_resolvers
 
 register_resolvers()
 from spannorm.callbacks.throughput import matmul_params
-from spannorm.tb import read_scalars
+from spannorm.analysis.scalars import read_scalars
 
 header = ("run", "GPUs", "params", "active", "tok/s/GPU", "MFU", "TFLOP/s", "step ms", "peak GiB",
           "train loss")

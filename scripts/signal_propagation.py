@@ -23,7 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from spannorm import TransformerConfig, TransformerLM
 from spannorm.analysis import measure_signal, summarize_signal
-from spannorm.cli import build_datamodule, console, friendly_errors, launch
+from spannorm.cli import friendly_errors, launch
+from spannorm.console import console
+from spannorm.data.prepare import build_datamodule
 
 METRICS = {  # CSV column -> (figure title, log y)
     "rms": ("stream RMS  sqrt(mean(x_l^2))", False),

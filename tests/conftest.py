@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from spannorm.cli import register_resolvers
+from spannorm.runs import register_resolvers
 
 REPO = Path(__file__).resolve().parents[1]
 register_resolvers()  # the configs' ${run_id:} and ${tokenizer_vocab:...}, for compose()

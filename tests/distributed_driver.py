@@ -23,8 +23,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from spannorm.cli import register_resolvers
-from spannorm.lm import LanguageModel
+from spannorm.runs import register_resolvers
+from spannorm.training.lm import LanguageModel
 
 register_resolvers()
 
@@ -118,11 +118,11 @@ def fit(name: str, out: Path, world_size: int) -> None:
 
 
 def train_py(out: Path, world_size: int) -> None:
-    """`spannorm.cli.train` (train.py) with trainer=ddp on `world_size` processes started together
+    """`spannorm.cli.train.train` (train.py) with trainer=ddp on `world_size` processes started together
     on an empty data cache; saves OUT/train_py-rank<r>.pt: the splits this rank built, its loss."""
     from conftest import tiny_overrides
 
-    from spannorm.cli import train
+    from spannorm.cli.train import train
     from spannorm.data import datamodule
 
     builds = []

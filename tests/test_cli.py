@@ -14,11 +14,12 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
+from spannorm.analysis.scalars import read_scalars
 from spannorm.callbacks.progress import StepProgressBar
-from spannorm.cli import UsageError, check_accelerator
 from spannorm.data import PackedBlocks
-from spannorm.lm import LanguageModel
-from spannorm.tb import read_scalars
+from spannorm.errors import UsageError
+from spannorm.training.checks import check_accelerator
+from spannorm.training.lm import LanguageModel
 
 CONF = REPO / "conf"
 

@@ -8,8 +8,8 @@ from conftest import REPO, optim_options
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from spannorm.cli import check_train_config
-from spannorm.optim import OptimConfig
+from spannorm.training.checks import check_train_config
+from spannorm.training.optim import OptimConfig
 
 DELETE = object()
 

@@ -16,8 +16,8 @@ from conftest import write_corpus
 from distributed_driver import MAX_STEPS, MODEL, RESUME_CHECKPOINT
 from torch.testing import assert_close
 
-from spannorm.checkpointing import consolidate_checkpoint
-from spannorm.lm import LanguageModel
+from spannorm.training.checkpointing import consolidate_checkpoint
+from spannorm.training.lm import LanguageModel
 
 DRIVER = Path(__file__).with_name("distributed_driver.py")
 STRATEGIES = ("ddp", "fsdp")

@@ -15,10 +15,10 @@ from torch.nn.functional import log_softmax
 
 from spannorm.analysis.compare import compare
 from spannorm.analysis.local_tasks import write_local_tasks
-from spannorm.checkpointing import load_trained
-from spannorm.cli import evaluate
-from spannorm.generate import generate
-from spannorm.tb import read_scalars
+from spannorm.analysis.scalars import read_scalars
+from spannorm.cli.evaluate import evaluate
+from spannorm.inference.generate import generate
+from spannorm.inference.load import load_trained
 
 QUESTIONS = [  # (context, choices, answer): some easy for the tiny model, some not
     ("ROMEO:\nlove night", ["light moon.", "zzkq xv."], 0),

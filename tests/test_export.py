@@ -14,11 +14,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from spannorm.checkpointing import load_trained
-from spannorm.cli import UsageError
+from spannorm.cli.export import run_export
 from spannorm.data.tokenizer import BPETokenizer, ByteTokenizer
-from spannorm.export import export_model, run_export, self_contained
-from spannorm.generate import generate
+from spannorm.errors import UsageError
+from spannorm.inference.export import export_model, self_contained
+from spannorm.inference.generate import generate
+from spannorm.inference.load import load_trained
 from spannorm.model import PLACEMENTS, TransformerConfig, TransformerLM
 
 DRIVER = Path(__file__).with_name("hf_load_driver.py")

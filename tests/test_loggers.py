@@ -10,7 +10,7 @@ import struct
 from conftest import run_entry, tiny_overrides
 from omegaconf import OmegaConf
 
-from spannorm.tb import read_scalars
+from spannorm.analysis.scalars import read_scalars
 
 EXPECTED = ("train/loss", "val/loss", "layers/rms/block_00")
 

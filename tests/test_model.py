@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from spannorm import TransformerConfig, TransformerLM
-from spannorm.generate import generate
-from spannorm.optim import warmup_cosine
+from spannorm.inference.generate import generate
+from spannorm.training.optim import warmup_cosine
 
 
 def tiny(**overrides) -> TransformerLM:

@@ -19,13 +19,14 @@ from test_cli import compose_train
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import get_total_norm
 
+from spannorm.analysis.scalars import read_scalars
 from spannorm.callbacks.divergence import DivergenceGuard
 from spannorm.callbacks.layer_stats import LayerStatsMonitor
 from spannorm.callbacks.throughput import flops_per_token
-from spannorm.cli import friendly_errors, train
-from spannorm.lm import LanguageModel
+from spannorm.cli import friendly_errors
+from spannorm.cli.train import train
 from spannorm.model import TransformerConfig, TransformerLM
-from spannorm.tb import read_scalars
+from spannorm.training.lm import LanguageModel
 
 
 class RecordingLogger:

@@ -23,18 +23,20 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from spannorm.checkpointing import (
+from spannorm.analysis.scalars import read_scalars
+from spannorm.cli import friendly_errors
+from spannorm.cli.evaluate import evaluate
+from spannorm.cli.train import train
+from spannorm.data import PackedBlocks
+from spannorm.data.sampling import EpochShuffle, ResumableLoader
+from spannorm.training.checkpointing import (
     AtomicCheckpointIO,
     LastCheckpoint,
     replace_path,
     resolve_checkpoint,
     verify_checkpoint,
 )
-from spannorm.cli import evaluate, friendly_errors, train
-from spannorm.data import PackedBlocks
-from spannorm.data.sampling import EpochShuffle, ResumableLoader
-from spannorm.lm import LanguageModel
-from spannorm.tb import read_scalars
+from spannorm.training.lm import LanguageModel
 
 # ---- validation: one line, exit status 2, before any data or model is built
 

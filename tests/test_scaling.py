@@ -25,8 +25,8 @@ import torch
 from conftest import REPO, tiny_overrides
 from torch.testing import assert_close
 
-from spannorm.checkpointing import consolidate_checkpoint
-from spannorm.tb import read_scalars
+from spannorm.analysis.scalars import read_scalars
+from spannorm.training.checkpointing import consolidate_checkpoint
 
 GLOBAL_BATCH, SEQ_LEN, STEPS = 16, 32, 4
 RUN = [
@@ -205,9 +205,9 @@ def test_a_rank_started_for_a_sweep_job_ends_a_divergence_as_a_result(monkeypatc
     not exit non-zero, or Lightning would kill rank 0 and with it the sweep."""
     from omegaconf import OmegaConf
 
-    from spannorm.callbacks import TrainingDiverged
     from spannorm.cli import friendly_errors
-    from spannorm.multirun import SWEEP_JOB_ENV
+    from spannorm.errors import TrainingDiverged
+    from spannorm.training.multirun import SWEEP_JOB_ENV
 
     def diverge(cfg):
         raise TrainingDiverged("training diverged: loss is nan at step 3")

@@ -13,7 +13,8 @@ import torch
 from conftest import REPO, tiny_overrides
 from hydra import compose, initialize_config_dir
 
-from spannorm.cli import friendly_errors, train
+from spannorm.cli import friendly_errors
+from spannorm.cli.train import train
 from spannorm.data import PackedBlocks, ShardError, TextDataModule, build, datamodule, filehash
 from spannorm.data.__main__ import main as data_main
 

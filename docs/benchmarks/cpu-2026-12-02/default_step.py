@@ -3,7 +3,7 @@ Lightning's per-step overhead is a share of."""
 import os, statistics, time, torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from spannorm.analysis.benchmark import BareLoop, quiet_lightning
+from spannorm.bench import BareLoop, quiet_lightning
 torch.set_num_threads(1); quiet_lightning()
 with initialize_config_dir(config_dir=os.path.abspath("conf"), version_base="1.3"):
     cfg = compose("train")

@@ -1,7 +1,7 @@
 """Outputs and gradients of TransformerLM for several configs, saved to argv[1] (or compared)."""
 import sys, torch
 from spannorm import TransformerConfig, TransformerLM
-from spannorm.generate import generate
+from spannorm.inference.generate import generate
 torch.set_num_threads(1)
 configs = [
     dict(),

@@ -3,8 +3,8 @@ import sys, collections, torch, lightning as L
 from torch.utils.data import DataLoader
 from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, "scripts")
-from spannorm.lm import LanguageModel
-from spannorm.analysis.benchmark import BareLoop
+from spannorm.training.lm import LanguageModel
+from spannorm.bench import BareLoop
 torch.set_num_threads(1)
 class C(TorchDispatchMode):
     def __init__(s): super().__init__(); s.c=collections.Counter()

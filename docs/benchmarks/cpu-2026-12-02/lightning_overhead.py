@@ -1,8 +1,8 @@
 """Per-step overhead of Lightning (default callbacks, progress bar) vs BareLoop on a tiny model."""
 import os, sys, time, statistics, torch, lightning as L
 from torch.utils.data import DataLoader
-from spannorm.lm import LanguageModel
-from spannorm.analysis.benchmark import BareLoop, quiet_lightning
+from spannorm.training.lm import LanguageModel
+from spannorm.bench import BareLoop, quiet_lightning
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf

@@ -8,8 +8,8 @@ ONE = r'''
 import json, sys
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from spannorm.cli import register_resolvers; register_resolvers()
-from spannorm.analysis.benchmark import bare_run
+from spannorm.runs import register_resolvers; register_resolvers()
+from spannorm.bench import bare_run
 with initialize_config_dir(config_dir=sys.argv[2] + "/conf", version_base=None):
     cfg = compose("train", overrides=["run_dir=/tmp/diag/thp"])
 cfg = OmegaConf.to_container(cfg, resolve=True)

@@ -18,7 +18,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from spannorm.tb import read_scalars
+from spannorm.analysis.scalars import read_scalars
 
 Series = list[tuple[int, float]]
 

@@ -12,17 +12,12 @@ step's whole global batch, over every micro batch and process: rank-local sums a
 across the processes (`sum_over_processes`), sharded tensors are gathered (`full_tensor`), and
 Lightning's loggers write on rank 0 only. See docs/monitoring.md, "Several processes".
 
-This module holds what they share and imports no Lightning, so that the CLI can catch
-`TrainingDiverged` without loading it.
+This module holds what they share and imports no Lightning.
 """
 
 from __future__ import annotations
 
 import torch
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf; the message names the step and the last good checkpoint."""
 
 
 def draw_between_steps(trainer) -> bool:

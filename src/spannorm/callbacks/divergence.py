@@ -19,7 +19,8 @@ from pathlib import Path
 
 import lightning as L
 
-from spannorm.callbacks import StepLoss, TrainingDiverged, log_scalars
+from spannorm.callbacks import StepLoss, log_scalars
+from spannorm.errors import TrainingDiverged
 
 
 class DivergenceGuard(L.Callback):

@@ -1,6 +1,6 @@
 """Training-time transforms of a built `TransformerLM`, applied in place as separate steps (in this
 order): activation checkpointing, compilation, FSDP2 sharding. None of them renames a parameter,
-so checkpoints load into a plain model (`spannorm.checkpointing.consolidate_checkpoint` makes a
+so checkpoints load into a plain model (`spannorm.training.checkpointing.consolidate_checkpoint` makes a
 sharded checkpoint folder one file).
 """
 

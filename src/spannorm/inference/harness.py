@@ -6,19 +6,14 @@
 - loglikelihood_rolling: the whole text's log-likelihood in disjoint windows of `max_seq_len`
   tokens (the harness's perplexity tasks), the first token predicted from EOS;
 - generate_until: greedy (or sampled with `do_sample`) decoding with the KV cache of
-  `spannorm.generate`, stopped at the first `until` string; prompts of equal length are batched.
+  `spannorm.inference.generate`, stopped at the first `until` string; prompts of equal length are batched.
 Contexts longer than the model's window keep their last tokens (the harness's own convention).
 The class is registered as `spannorm`, so `lm_eval --model spannorm --model_args ckpt_path=<run>`
-works too. `run_tasks` is what eval.py runs: results as JSON and TensorBoard scalars `eval/...`
-in the run's directory.
+works too. eval.py's `tasks=[...]` runs it (`spannorm.cli.evaluate`).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,9 +23,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from spannorm.checkpointing import load_trained
 from spannorm.data.tokenizer import Tokenizer
-from spannorm.generate import generate
+from spannorm.inference.generate import generate
+from spannorm.inference.load import load_trained
 from spannorm.model import TransformerLM
 
 
@@ -256,58 +251,3 @@ def evaluate_with_harness(lm: SpannormLM, tasks: list[str], task_manager, cfg) -
         fewshot_random_seed=cfg.seed,
         bootstrap_iters=cfg.bootstrap_iters,
     )
-
-
-def run_tasks(cfg) -> dict[str, float]:
-    """Evaluate a checkpoint on `cfg.tasks` with the harness; write the results as JSON in the
-    run directory (`eval/<time>.json`) and as TensorBoard scalars `eval/<task>/<metric>` at the
-    checkpoint's step; return the scalars."""
-    from omegaconf import OmegaConf
-    from torch.utils.tensorboard import SummaryWriter
-
-    from spannorm.cli import UsageError, console, run_dir_of
-
-    tasks = list(cfg.tasks)
-    include_path = cfg.get("include_path")
-    if include_path is not None and not Path(include_path).is_dir():
-        raise FileNotFoundError(f"include_path={include_path!r} is not a folder of task YAMLs")
-    task_manager = task_manager_for(tasks, include_path)
-    trained = load_trained(cfg.ckpt_path)
-    checkpoint, step = trained.checkpoint, trained.step
-    run_dir = run_dir_of(checkpoint)
-    device = "cuda" if cfg.accelerator in ("gpu", "cuda") else cfg.accelerator
-    lm = SpannormLM(
-        trained.model, trained.tokenizer, batch_size=cfg.batch_size, device=device, seed=cfg.seed
-    )
-    try:
-        output = evaluate_with_harness(lm, tasks, task_manager, cfg)
-    except ConnectionError as error:  # a task's dataset is on the hub and the hub is unreachable
-        raise UsageError(
-            f"{error.args[0] if error.args else error}: the task's data must be downloaded once "
-            "(network); offline, evaluate on local task files with include_path=<folder>"
-        ) from error
-    scalars = scalars_of(output["results"])
-    out_dir = run_dir / "eval"
-    out_dir.mkdir(exist_ok=True)
-    report = {
-        "checkpoint": str(checkpoint),
-        "step": step,
-        "tasks": tasks,
-        "limit": cfg.limit,
-        "num_fewshot": cfg.num_fewshot,
-        "results": output["results"],
-        "n_samples": output.get("n-samples"),
-        "configs": output.get("configs"),
-        "scalars": scalars,
-        "eval_config": OmegaConf.to_container(cfg, resolve=True),
-    }
-    path = out_dir / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{'+'.join(tasks)}.json"
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-    with SummaryWriter(str(out_dir)) as writer:
-        for tag, value in scalars.items():
-            writer.add_scalar(tag, value, step)
-    console.print(f"checkpoint {checkpoint} (step {step})")
-    for tag, value in scalars.items():
-        console.print(f"{tag:40s} {value:.4f}" if math.isfinite(value) else f"{tag:40s} {value}")
-    console.print(f"results: {path}")
-    return scalars

@@ -1,7 +1,7 @@
 """Checkpoints that survive interruption: atomic writes, a `last.ckpt` kept ready to resume from
 (every N steps, at the end of training, and when SIGTERM or SIGINT stops the run), finding and
 verifying the checkpoint to resume from or to load, and consolidating a sharded one into one file
-(`python -m spannorm.checkpointing <folder>`)."""
+(`python -m spannorm.training.checkpointing <folder>`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import signal
 import sys
 import threading
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -245,33 +244,6 @@ def resolve_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
     return path
 
 
-@dataclass
-class Trained:
-    """A trained model as eval.py (downstream tasks) and export.py use it."""
-
-    checkpoint: Path  # the checkpoint file read (a sharded folder's consolidated file)
-    step: int
-    model: Any  # spannorm.model.TransformerLM, in eval mode
-    tokenizer: Any  # spannorm.data.tokenizer.Tokenizer of the run that wrote the checkpoint
-
-
-def load_trained(ckpt_path: str | os.PathLike, key: str = "ckpt_path") -> Trained:
-    """The model, step and tokenizer of a checkpoint, a sharded checkpoint folder (consolidated
-    into one file beside it first) or a run directory (its newest checkpoint)."""
-    from hydra.utils import instantiate
-
-    from spannorm.cli import run_config_of
-    from spannorm.lm import LanguageModel
-
-    checkpoint = resolve_checkpoint(ckpt_path, key)
-    if checkpoint.is_dir():
-        checkpoint = consolidate_checkpoint(checkpoint)
-    step = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)["global_step"]
-    lm = LanguageModel.load_from_checkpoint(checkpoint, map_location="cpu")
-    tokenizer = instantiate(run_config_of(checkpoint).data).load_tokenizer()
-    return Trained(checkpoint, int(step), lm.model.eval(), tokenizer)
-
-
 def consolidate_checkpoint(folder: str | os.PathLike) -> Path:
     """Write the weights and training metadata of a sharded checkpoint folder (what
     `ModelParallelStrategy` saves) to `<name>.consolidated.ckpt` beside it: one file that
@@ -292,5 +264,5 @@ def consolidate_checkpoint(folder: str | os.PathLike) -> Path:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m spannorm.checkpointing <sharded checkpoint folder>")
+        sys.exit("usage: python -m spannorm.training.checkpointing <sharded checkpoint folder>")
     print(consolidate_checkpoint(sys.argv[1]))

@@ -2,7 +2,7 @@
 
 The folder holds `model.safetensors`, `config.json`, `generation_config.json`, the tokenizer
 (`tokenizer.json`, `tokenizer_config.json`) and the model's code: the package's own model source
-files (every `spannorm/model/*.py`, as `spannorm_<name>.py`) and `spannorm/hf_model.py` (as
+files (every `spannorm/model/*.py`, as `spannorm_<name>.py`) and `spannorm/inference/hf_model.py` (as
 `modeling_spannorm.py`), their `spannorm.model` imports made relative. So
 `AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)` needs torch and transformers,
 not this package, and the exported code is always the code that trained the weights.
@@ -10,11 +10,10 @@ not this package, and the exported code is always the code that trained the weig
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-import spannorm.hf_model
+import spannorm.inference.hf_model
 import spannorm.model
 from spannorm.data.tokenizer import EOS_TOKEN, BPETokenizer, ByteTokenizer, Tokenizer
 from spannorm.model import TransformerLM
@@ -50,7 +49,7 @@ def write_model_code(out: Path) -> list[Path]:
         f"{bundled_name(None if path.stem == '__init__' else path.stem)}.py": path
         for path in sorted(Path(spannorm.model.__file__).parent.glob("*.py"))
     }
-    sources[WRAPPER_FILE] = Path(spannorm.hf_model.__file__)
+    sources[WRAPPER_FILE] = Path(spannorm.inference.hf_model.__file__)
     written = []
     for name, path in sources.items():
         target = out / name
@@ -100,7 +99,7 @@ def byte_level_char(byte: int) -> str:
 
 def export_model(model: TransformerLM, tokenizer: Tokenizer, out: str | Path) -> Path:
     """Write `model` and `tokenizer` as a Hugging Face folder `out` (see the module's docstring)."""
-    from spannorm.hf_model import SpannormConfig, SpannormForCausalLM
+    from spannorm.inference.hf_model import SpannormConfig, SpannormForCausalLM
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,27 +120,4 @@ def export_model(model: TransformerLM, tokenizer: Tokenizer, out: str | Path) ->
     hf_model.generation_config.use_cache = False
     hf_model.save_pretrained(out)
     huggingface_tokenizer(tokenizer, model.cfg.max_seq_len).save_pretrained(out)
-    return out
-
-
-def run_export(cfg) -> Path:
-    """What export.py runs: the checkpoint `cfg.ckpt_path` (a run directory, a .ckpt file or a
-    sharded checkpoint folder) and its run's tokenizer, exported to `cfg.out`."""
-    from spannorm.checkpointing import load_trained
-    from spannorm.cli import UsageError, console
-
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.get("overwrite", False):
-        raise UsageError(
-            f"out={str(out)!r} is not empty; choose a new folder or set overwrite=true"
-        )
-    trained = load_trained(cfg.ckpt_path)
-    export_model(trained.model, trained.tokenizer, out)
-    (out / "spannorm_export.json").write_text(
-        json.dumps({"checkpoint": str(trained.checkpoint), "step": trained.step}, indent=2) + "\n"
-    )
-    console.print(f"exported {trained.checkpoint} (step {trained.step}) -> {out}")
-    console.print(
-        f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)"
-    )
     return out

@@ -11,8 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics.aggregation import MeanMetric
 
 from spannorm.model import TransformerConfig, TransformerLM, get_placement
-from spannorm.optim import OptimConfig, build_optimizer
-from spannorm.parallel import (
+from spannorm.training.optim import OptimConfig, build_optimizer
+from spannorm.training.parallel import (
     apply_activation_checkpointing,
     apply_compile,
     apply_fsdp,

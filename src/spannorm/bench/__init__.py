@@ -29,8 +29,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from spannorm.callbacks.throughput import measure_matmul_flops, peak_memory_mib
-from spannorm.cli import build_datamodule, keep_freed_memory, prepare_data
+from spannorm.data.prepare import build_datamodule, prepare_data
 from spannorm.data.shakespeare import ensure_shakespeare
+from spannorm.training.memory import keep_freed_memory
 
 
 def minor_faults() -> int:
