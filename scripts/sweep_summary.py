@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 
 from spannorm.analysis.compare import Run
-from spannorm.callbacks.layer_stats import METRICS
+from spannorm.tags import LAYER_METRICS, block_series
 
 KEYS = [
     "model.norm",
@@ -39,11 +39,9 @@ def escape_step(train_loss: list[tuple[int, float]], threshold: float) -> int | 
 
 
 def history(run: Run, metric: str) -> list[tuple[int, list[float]]]:
-    prefix = f"layers/{metric}/block_"
-    tags = sorted(tag for tag in run.scalars if tag.startswith(prefix))
-    steps = sorted({step for tag in tags for step, _ in run.scalars[tag]})
-    by_tag = {tag: dict(run.scalars[tag]) for tag in tags}
-    return [(step, [by_tag[tag].get(step, math.nan) for tag in tags]) for step in steps]
+    blocks = [dict(series) for series in block_series(run.scalars, metric)]
+    steps = sorted({step for block in blocks for step in block})
+    return [(step, [block.get(step, math.nan) for block in blocks]) for step in steps]
 
 
 def finite_or_null(value):
@@ -82,7 +80,7 @@ def summarize(run_dir: Path, baseline: float, margin: float = 0.3) -> dict:
         "train_loss": train_loss,
         "val_loss": run.scalars.get("val/loss", []),
         # per-block statistics at the last step they were logged (layers/<metric>/block_<l>)
-        "profiles": {metric: run.layer_profile(metric) for metric in METRICS},
+        "profiles": {metric: run.layer_profile(metric) for metric in LAYER_METRICS},
         # the stream gradient of every block at every logged step: [step, [block 0, 1, ...]]
         "stream_grad_norm_history": history(run, "stream_grad_norm"),
     }

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from spannorm.analysis.scalars import read_scalars
+from spannorm.tags import PROFILE_METRICS, block_series
 
 Series = list[tuple[int, float]]
 
@@ -101,9 +102,7 @@ class Run:
 
     def layer_profile(self, metric: str) -> list[float]:
         """`layers/<metric>/block_<l>` at the last step it was logged, in block order."""
-        prefix = f"layers/{metric}/block_"
-        tags = sorted(tag for tag in self.scalars if tag.startswith(prefix))
-        return [self.scalars[tag][-1][1] for tag in tags]
+        return [series[-1][1] for series in block_series(self.scalars, metric)]
 
     @property
     def loss_spikes(self) -> int | None:
@@ -399,7 +398,6 @@ def plot_pivot(groups: dict[str, list[Run]], group_by: str, pivot: str, path: Pa
     figure.savefig(path, dpi=100)
 
 
-PROFILE_METRICS = ("rms", "stream_grad_norm", "update_ratio", "cos")
 
 
 def plot_layer_profiles(groups: dict[str, list[Run]], path: Path) -> bool:

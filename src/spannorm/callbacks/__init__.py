@@ -37,11 +37,6 @@ def log_scalars(trainer, metrics: dict[str, float], step: int) -> None:
         logger.log_metrics(metrics, step=step)
 
 
-def block_tag(namespace: str, metric: str, block: int, n_blocks: int) -> str:
-    """`<namespace>/<metric>/block_07`, zero-padded so the tags sort by depth."""
-    return f"{namespace}/{metric}/block_{block:0{max(2, len(str(n_blocks - 1)))}d}"
-
-
 def sum_over_processes(trainer, values: torch.Tensor) -> torch.Tensor:
     """`values` summed over all processes (one all-reduce; as is on a single process)."""
     return trainer.strategy.reduce(values.to(trainer.strategy.root_device), reduce_op="sum")

@@ -16,8 +16,9 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from spannorm.callbacks import block_tag, log_scalars, sum_over_processes
+from spannorm.callbacks import log_scalars, sum_over_processes
 from spannorm.model.moe import MoE
+from spannorm.tags import block_tag
 
 
 class ExpertLoadMonitor(L.Callback):

@@ -37,16 +37,15 @@ from matplotlib.ticker import MaxNLocator
 from torch.nn.utils import get_total_norm
 
 from spannorm.callbacks import (
-    block_tag,
     draw_between_steps,
     full_tensor,
     log_scalars,
     sum_over_processes,
 )
 from spannorm.model.layers import CausalSelfAttention, rope_tables, rotate
+from spannorm.tags import LAYER_METRICS, block_tag
 
-# panel order in the image; the first four span orders of magnitude and are drawn as log10
-METRICS = ("rms", "stream_grad_norm", "param_grad_norm", "update_ratio", "cos", "attn_entropy")
+# panel order in the image is LAYER_METRICS; the first four span orders of magnitude, drawn as log10
 LOG10_PANELS = {"rms", "stream_grad_norm", "param_grad_norm", "update_ratio"}
 # what the hooks add up per block over a logging step's micro batches, then over the processes
 SUMS = ("squares", "elements", "cos", "tokens", "grad_squares", "entropy", "sequences")
@@ -82,7 +81,7 @@ class LayerProfilePlot:
             left=0.06, right=0.99, bottom=0.1, top=0.87, wspace=0.28, hspace=0.4
         )
         self.lines = {}
-        for axes, metric in zip(self.figure.subplots(2, 3, sharex=True).flat, METRICS, strict=True):
+        for axes, metric in zip(self.figure.subplots(2, 3, sharex=True).flat, LAYER_METRICS, strict=True):
             (self.lines[metric],) = axes.plot(range(n_blocks), [0.0] * n_blocks, marker=".", lw=1)
             axes.set_title(f"log10 {metric}" if metric in LOG10_PANELS else metric, fontsize=9)
             axes.tick_params(labelsize=7)
@@ -105,7 +104,7 @@ class LayerProfilePlot:
 
 
 class LayerStatsMonitor(L.Callback):
-    """Logs `layers/<metric>/block_<l>` for the METRICS above every `every_n_steps` optimizer
+    """Logs `layers/<metric>/block_<l>` for the LAYER_METRICS above every `every_n_steps` optimizer
     steps (at the step of the batch measured, like `train/loss`), and with `image` one figure
     `layers/profile` of every metric against depth."""
 
@@ -241,7 +240,7 @@ class LayerStatsMonitor(L.Callback):
                 sums["entropy"] / sums["sequences"],
             ]
         ).tolist()
-        values = dict(zip(METRICS, table, strict=True))
+        values = dict(zip(LAYER_METRICS, table, strict=True))
         n_blocks = len(table[0])
         log_scalars(
             trainer,
