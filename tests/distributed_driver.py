@@ -17,18 +17,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from spannorm.runs import register_resolvers
 from spannorm.training.lm import LanguageModel
 
-register_resolvers()
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from helpers import compose_config, tiny_overrides
 
 GLOBAL_BATCH = 16
 STEPS_PER_EPOCH = 2
@@ -63,14 +59,12 @@ def token_dataset() -> TensorDataset:
 def configured_strategy(trainer: str, world_size: int):
     """The strategy of conf/trainer/<trainer>.yaml on `world_size` CPU processes."""
     overrides = [f"trainer={trainer}", "trainer.accelerator=cpu", f"trainer.devices={world_size}"]
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        return instantiate(compose("train", overrides=overrides).trainer.strategy)
+    return instantiate(compose_config(overrides).trainer.strategy)
 
 
 def default_monitors() -> list:
     """The monitors of conf/callbacks/default.yaml (all but checkpointing and the progress bar)."""
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        callbacks = compose("train", overrides=["run_dir=unused"]).callbacks
+    callbacks = compose_config(["run_dir=unused"]).callbacks
     return [
         instantiate(c) for name, c in callbacks.items() if name not in ("checkpoint", "progress")
     ]
@@ -120,7 +114,6 @@ def fit(name: str, out: Path, world_size: int) -> None:
 def train_py(out: Path, world_size: int) -> None:
     """`spannorm.cli.train.train` (train.py) with trainer=ddp on `world_size` processes started together
     on an empty data cache; saves OUT/train_py-rank<r>.pt: the splits this rank built, its loss."""
-    from conftest import tiny_overrides
 
     from spannorm.cli.train import train
     from spannorm.data import datamodule
@@ -143,8 +136,7 @@ def train_py(out: Path, world_size: int) -> None:
         "trainer.val_check_interval=2",
         f"run_dir={out / 'train_py'}",
     )
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose("train", overrides=overrides)
+    cfg = compose_config(overrides)
     val_loss = train(cfg)
     result = {"builds": sum(builds), "val_loss": val_loss}
     torch.save(result, out / f"train_py-rank{os.environ.get('RANK', 0)}.pt")

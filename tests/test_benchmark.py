@@ -9,12 +9,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import optim_options
 from torch.utils.data import DataLoader
 
 from spannorm.bench import BareLoop, median_interval
 from spannorm.model.layers import rope_tables, rotate
 from spannorm.training.lm import LanguageModel
+
+from helpers import optim_options
 
 MODEL = {"vocab_size": 64, "d_model": 32, "n_heads": 2, "n_layers": 2, "max_seq_len": 16}
 OPTIM = optim_options(lr=3e-2, warmup_steps=2)

@@ -9,8 +9,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, optim_options, run_entry, tiny_overrides
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
@@ -19,14 +17,15 @@ from spannorm.callbacks.progress import StepProgressBar
 from spannorm.data import PackedBlocks
 from spannorm.errors import UsageError
 from spannorm.training.checks import check_accelerator
-from spannorm.training.lm import LanguageModel
 
-CONF = REPO / "conf"
-
-
-def compose_train(overrides: list[str]):
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        return compose("train", overrides=overrides)
+from helpers import (
+    CONF,
+    compose_config,
+    run_entry,
+    tiny_lm,
+    tiny_overrides,
+    tiny_trainer,
+)
 
 
 def group_options(group: str) -> list[str]:
@@ -42,29 +41,29 @@ def test_every_config_group_composes_and_instantiates(tiny_corpus, tmp_path):
     for data in group_options("data"):
         extra = files if data in ("text", "json", "parquet", "tokens") else []
         extra += ["data.hub_name=some/dataset"] if data == "hub" else []
-        cfg = compose_train([*base, f"data={data}", *extra])
+        cfg = compose_config([*base, f"data={data}", *extra])
         assert instantiate(cfg.data).__class__.__name__ == "TextDataModule"
-    cfg = compose_train(base)
+    cfg = compose_config(base)
     assert type(instantiate(cfg.model)).__name__ == "LanguageModel"
     assert instantiate(cfg.logger.tensorboard).log_dir
     loggers = group_options("logger")
-    cfg = compose_train([*base, f"logger=[{','.join(loggers)}]"])
+    cfg = compose_config([*base, f"logger=[{','.join(loggers)}]"])
     assert sorted(cfg.logger) == loggers
     assert all(instantiate(conf).save_dir == str(tmp_path) for conf in cfg.logger.values())
     assert all(instantiate(c) for c in cfg.callbacks.values() if c is not None)
     for experiment in group_options("experiment"):
-        assert compose_train([*base, f"experiment={experiment}"]).model.n_layers > 0
+        assert compose_config([*base, f"experiment={experiment}"]).model.n_layers > 0
 
 
 @pytest.mark.parametrize("trainer", group_options("trainer"))
 def test_every_trainer_config_instantiates_on_cpu(trainer, tmp_path):
     """Each trainer config builds a Trainer here; those asking for a GPU on a machine without one
     fail first with a one-line UsageError saying so."""
-    cfg = compose_train([f"run_dir={tmp_path}", f"trainer={trainer}"])
+    cfg = compose_config([f"run_dir={tmp_path}", f"trainer={trainer}"])
     if cfg.trainer.accelerator != "cpu" and not torch.cuda.is_available():
         with pytest.raises(UsageError, match="needs a CUDA GPU and none was found.*trainer=cpu"):
             check_accelerator(cfg.trainer.accelerator)
-        cfg = compose_train(
+        cfg = compose_config(
             [f"run_dir={tmp_path}", f"trainer={trainer}", "trainer.accelerator=cpu"]
         )
         cfg.trainer.precision = "32-true"  # bf16-mixed is a GPU setting
@@ -199,20 +198,9 @@ def train_tiny(tmp_path, callbacks: list, **trainer_options):
     Trainer options, no logger or checkpoints; returns the trainer."""
     tokens = torch.arange(8 * 8 * 8 + 1) % 50
     blocks = PackedBlocks(tokens.numpy().astype("uint16"), seq_len=8)  # 64 blocks: 8 batches
-    trainer = L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
-        **trainer_options,
-    )
-    lm = LanguageModel(
-        optim=optim_options(), vocab_size=50, d_model=16, n_layers=1, n_heads=2, max_seq_len=8
-    )
+    trainer = tiny_trainer(tmp_path, callbacks, enable_progress_bar=True, **trainer_options)
     loader = DataLoader(blocks, batch_size=8)
-    trainer.fit(lm, train_dataloaders=loader, val_dataloaders=loader)
+    trainer.fit(tiny_lm(vocab_size=50), train_dataloaders=loader, val_dataloaders=loader)
     return trainer
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from conftest import run_entry, tiny_overrides
 
 from spannorm.analysis.compare import (
     Run,
@@ -13,6 +12,8 @@ from spannorm.analysis.compare import (
     pivot_table,
     plot_pivot,
 )
+
+from helpers import run_entry, tiny_overrides
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

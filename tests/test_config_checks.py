@@ -4,20 +4,19 @@ right, by the check `train.py` runs before it builds the data or the model."""
 from __future__ import annotations
 
 import pytest
-from conftest import REPO, optim_options
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from spannorm.training.checks import check_train_config
 from spannorm.training.optim import OptimConfig
+
+from helpers import compose_config, optim_options
 
 DELETE = object()
 
 
 @pytest.fixture(scope="module")
 def train_config() -> DictConfig:
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        return compose("train")
+    return compose_config()
 
 
 def check(config: DictConfig, **changes) -> None:

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_corpus
-from distributed_driver import MAX_STEPS, MODEL, RESUME_CHECKPOINT
 from torch.testing import assert_close
 
 from spannorm.training.checkpointing import consolidate_checkpoint
 from spannorm.training.lm import LanguageModel
+
+from distributed_driver import MAX_STEPS, MODEL, RESUME_CHECKPOINT
+from helpers import write_corpus
 
 DRIVER = Path(__file__).with_name("distributed_driver.py")
 STRATEGIES = ("ddp", "fsdp")

@@ -9,8 +9,6 @@ import re
 
 import pytest
 import torch
-from conftest import REPO
-from hydra import compose, initialize_config_dir
 from torch.nn.functional import log_softmax
 
 from spannorm.analysis.compare import compare
@@ -19,6 +17,8 @@ from spannorm.analysis.scalars import read_scalars
 from spannorm.cli.evaluate import evaluate
 from spannorm.inference.generate import generate
 from spannorm.inference.load import load_trained
+
+from helpers import compose_config
 
 QUESTIONS = [  # (context, choices, answer): some easy for the tiny model, some not
     ("ROMEO:\nlove night", ["light moon.", "zzkq xv."], 0),
@@ -110,16 +110,15 @@ def evaluated(trained_run, tmp_path_factory):
         metric_list="[{metric: exact_match}]",
     )
     # what eval.py runs, in this process (the harness is slow to import), on the composed config
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose(
-            "eval",
-            [
-                f"ckpt_path={trained_run}",
-                "tasks=[tiny_mc,tiny_ppl,tiny_gen]",
-                f"include_path={tasks}",
-                "batch_size=4",
-            ],
-        )
+    cfg = compose_config(
+        [
+            f"ckpt_path={trained_run}",
+            "tasks=[tiny_mc,tiny_ppl,tiny_gen]",
+            f"include_path={tasks}",
+            "batch_size=4",
+        ],
+        config="eval",
+    )
     evaluate(cfg)
     (report,) = (trained_run / "eval").glob("*.json")
     return trained, json.loads(report.read_text())

@@ -20,7 +20,9 @@ from spannorm.errors import UsageError
 from spannorm.inference.export import export_model, self_contained
 from spannorm.inference.generate import generate
 from spannorm.inference.load import load_trained
-from spannorm.model import PLACEMENTS, TransformerConfig, TransformerLM
+from spannorm.model import PLACEMENTS, TransformerLM
+
+from helpers import tiny_model
 
 DRIVER = Path(__file__).with_name("hf_load_driver.py")
 SENTENCE = "ROMEO: thou art fair, sweet — ünïcode!\n\nJULIET:  love"
@@ -51,8 +53,7 @@ def save_expected(folder: Path, model: TransformerLM, tokenizer, seed: int) -> N
 def random_model(seed: int, **options) -> TransformerLM:
     """A model whose every parameter (norm gains and biases included) is perturbed off its init,
     so a weight loaded into the wrong place changes the logits."""
-    torch.manual_seed(seed)
-    model = TransformerLM(TransformerConfig(**{**TINY, **options})).eval()
+    model = tiny_model(seed, **{**TINY, **options}).eval()
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_entry
+
+from helpers import REPO, run_entry
 
 SRC = REPO / "src"
 LEGACY_RUN = REPO / "tests" / "fixtures" / "legacy_run"
@@ -108,15 +109,25 @@ def test_the_model_is_pure_torch():
     for path in (SRC / "spannorm" / "model").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom | ast.Import):
-                names = [node.module] if isinstance(node, ast.ImportFrom) else [
-                    alias.name for alias in node.names
-                ]
+                names = (
+                    [node.module]
+                    if isinstance(node, ast.ImportFrom)
+                    else [alias.name for alias in node.names]
+                )
                 for name in names:
                     root = (name or "").split(".")[0]
-                    assert root in {"", "torch", "spannorm", "__future__", "collections",
-                                    "dataclasses", "enum", "math", "functools", "typing"}, (
-                        f"{path.name} imports {name}"
-                    )
+                    assert root in {
+                        "",
+                        "torch",
+                        "spannorm",
+                        "__future__",
+                        "collections",
+                        "dataclasses",
+                        "enum",
+                        "math",
+                        "functools",
+                        "typing",
+                    }, f"{path.name} imports {name}"
                     if root == "spannorm":
                         assert name.startswith("spannorm.model"), f"{path.name} imports {name}"
 

@@ -7,10 +7,11 @@ import json
 import math
 import struct
 
-from conftest import run_entry, tiny_overrides
 from omegaconf import OmegaConf
 
 from spannorm.analysis.scalars import read_scalars
+
+from helpers import run_entry, tiny_overrides
 
 EXPECTED = ("train/loss", "val/loss", "layers/rms/block_00")
 

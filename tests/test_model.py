@@ -3,21 +3,17 @@
 import pytest
 import torch
 
-from spannorm import TransformerConfig, TransformerLM
+from spannorm import TransformerConfig
 from spannorm.inference.generate import generate
 from spannorm.training.optim import warmup_cosine
 
-
-def tiny(**overrides) -> TransformerLM:
-    torch.manual_seed(0)
-    options = dict(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
-    return TransformerLM(TransformerConfig(**{**options, **overrides}))
+from helpers import tiny_model
 
 
 @pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
 @pytest.mark.parametrize("tie", [True, False])
 def test_logits_shape_and_tying(mlp, tie):
-    model = tiny(mlp=mlp, tie_embeddings=tie)
+    model = tiny_model(mlp=mlp, tie_embeddings=tie)
     assert model(torch.randint(0, 50, (3, 7))).shape == (3, 7, 50)
     assert (model.head.weight is model.tok_emb.weight) == tie
     assert isinstance(model.blocks, torch.nn.ModuleList)
@@ -25,7 +21,7 @@ def test_logits_shape_and_tying(mlp, tie):
 
 
 def test_causality_future_tokens_do_not_change_past_logits():
-    model = tiny().eval()
+    model = tiny_model().eval()
     idx = torch.randint(0, 50, (1, 10))
     changed = idx.clone()
     changed[0, 6:] = (changed[0, 6:] + 1) % 50
@@ -35,7 +31,7 @@ def test_causality_future_tokens_do_not_change_past_logits():
 
 def test_sequence_beyond_max_seq_len_is_refused():
     with pytest.raises(ValueError, match="max_seq_len=64"):
-        tiny()(torch.zeros(1, 65, dtype=torch.long))
+        tiny_model()(torch.zeros(1, 65, dtype=torch.long))
 
 
 @pytest.mark.parametrize(
@@ -53,7 +49,7 @@ def test_invalid_config_names_the_key(bad, message):
 
 
 def test_optimizer_groups_skip_norms_biases_and_embeddings():
-    model = tiny(bias=True)
+    model = tiny_model(bias=True)
     decay, no_decay = model.optimizer_groups(0.1)
     decayed = {id(p) for p in decay["params"]}
     assert id(model.tok_emb.weight) not in decayed
@@ -66,7 +62,7 @@ def test_optimizer_groups_skip_norms_biases_and_embeddings():
 
 @pytest.mark.parametrize("norm", ["prenorm", "spannorm", "hybridnorm"])
 def test_kv_cache_generation_matches_full_recompute(norm):
-    model = tiny(norm=norm)
+    model = tiny_model(norm=norm)
     prompt = torch.randint(0, 50, (2, 5))
     cached = generate(model, prompt, 12, temperature=0, kv_cache=True)
     recomputed = generate(model, prompt, 12, temperature=0, kv_cache=False)
@@ -76,7 +72,7 @@ def test_kv_cache_generation_matches_full_recompute(norm):
 
 
 def test_sampling_respects_top_k_and_seed():
-    model = tiny()
+    model = tiny_model()
     prompt = torch.randint(0, 50, (1, 3))
     logits = model(prompt)[0, -1]
     allowed = set(torch.topk(logits, 1).indices.tolist())
@@ -91,7 +87,7 @@ def test_sampling_respects_top_k_and_seed():
 
 def test_kv_cache_refuses_to_run_past_the_context():
     with pytest.raises(ValueError, match="max_seq_len=64"):
-        generate(tiny(), torch.zeros(1, 60, dtype=torch.long), 10, kv_cache=True)
+        generate(tiny_model(), torch.zeros(1, 60, dtype=torch.long), 10, kv_cache=True)
 
 
 def test_warmup_cosine_schedule():

@@ -12,10 +12,8 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import optim_options, run_entry, tiny_overrides
 from lightning.fabric.utilities.throughput import measure_flops
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_cli import compose_train
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import get_total_norm
 
@@ -27,6 +25,8 @@ from spannorm.cli import friendly_errors
 from spannorm.cli.train import train
 from spannorm.model import TransformerConfig, TransformerLM
 from spannorm.training.lm import LanguageModel
+
+from helpers import compose_config, optim_options, run_entry, tiny_model, tiny_overrides
 
 
 class RecordingLogger:
@@ -69,8 +69,7 @@ def one_thread():
 
 
 def test_layer_stats_equal_a_direct_computation():
-    torch.manual_seed(0)
-    model = TransformerLM(TransformerConfig(vocab_size=32, d_model=16, n_layers=3, n_heads=2))
+    model = tiny_model(vocab_size=32, d_model=16, n_layers=3, n_heads=2, max_seq_len=1024)
     with torch.no_grad():  # q = k = 0 in block 1: uniform causal attention, entropy log(i + 1)
         model.blocks[1].attn.qkv.weight[: 2 * 16] = 0
     reference = copy.deepcopy(model)  # the weights the monitored step starts from
@@ -191,7 +190,7 @@ def test_sweep_summary_keeps_what_the_grid_report_reads(monitored_run, tmp_path)
 
 
 def test_moe_run_logs_expert_load_and_router_entropy(tiny_corpus, tmp_path, one_thread):
-    cfg = compose_train(
+    cfg = compose_config(
         [
             *tiny_overrides(tiny_corpus),
             "model.ffn=moe",
@@ -215,7 +214,7 @@ def test_moe_run_logs_expert_load_and_router_entropy(tiny_corpus, tmp_path, one_
 def test_nan_loss_stops_with_one_line_error_and_a_loadable_last_good_checkpoint(
     tiny_corpus, tmp_path, one_thread, capsys
 ):
-    cfg = compose_train(
+    cfg = compose_config(
         [
             *tiny_overrides(tiny_corpus),
             "+callbacks.poison._target_=test_monitoring.PoisonLogits",

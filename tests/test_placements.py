@@ -17,13 +17,15 @@ from torch import nn
 
 from spannorm import PLACEMENTS, TransformerConfig, TransformerLM
 
+from helpers import tiny_model
+
 D_MODEL, N_LAYERS = 16, 4
 NORM_TYPES = ("layernorm", "rmsnorm")
 
 
 def build(norm: str, norm_type: str = "layernorm", **options) -> TransformerLM:
-    settings = dict(vocab_size=257, d_model=D_MODEL, n_layers=N_LAYERS, n_heads=2, norm=norm)
-    return TransformerLM(TransformerConfig(**{**settings, "norm_type": norm_type, **options}))
+    settings = dict(vocab_size=257, d_model=D_MODEL, n_layers=N_LAYERS, n_heads=2, max_seq_len=1024)
+    return tiny_model(None, **{**settings, "norm": norm, "norm_type": norm_type, **options})
 
 
 class FixedMap(nn.Module):

@@ -16,8 +16,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, optim_options, run_entry, tiny_overrides
-from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
@@ -36,15 +34,22 @@ from spannorm.training.checkpointing import (
     resolve_checkpoint,
     verify_checkpoint,
 )
-from spannorm.training.lm import LanguageModel
+
+from helpers import (
+    REPO,
+    compose_config,
+    run_entry,
+    tiny_lm,
+    tiny_overrides,
+    tiny_trainer,
+)
 
 # ---- validation: one line, exit status 2, before any data or model is built
 
 
 def fail_fast(overrides: list[str], capsys, config: str = "train", main=train) -> str:
     """Run `main` on the composed `config` as the CLI does; return its one `error:` line."""
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose(config, overrides=overrides)
+    cfg = compose_config(overrides, config)
     with pytest.raises(SystemExit) as exit_info:
         friendly_errors(main)(cfg)
     assert exit_info.value.code == 2
@@ -270,25 +275,21 @@ def fit_tiny(tmp_path: Path, stopper: LastCheckpoint, sender: SendSignal) -> Non
     blocks = PackedBlocks(tokens, seq_len=8)
     train_loader = ResumableLoader(blocks, batch_size=8, sampler=EpochShuffle(blocks, 0))
     val_loader = DataLoader(PackedBlocks(tokens[:500], seq_len=8), batch_size=8)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = tiny_trainer(
+        tmp_path,
+        # save_top_k=0: the last.ckpt of validations is not written, only LastCheckpoint's
+        [ModelCheckpoint(tmp_path, save_top_k=0, save_last=True), stopper, sender],
         max_steps=20,
         val_check_interval=5,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
+        enable_checkpointing=True,
         plugins=[AtomicCheckpointIO()],
-        # save_top_k=0: the last.ckpt of validations is not written, only LastCheckpoint's
-        callbacks=[ModelCheckpoint(tmp_path, save_top_k=0, save_last=True), stopper, sender],
-    )
-    lm = LanguageModel(
-        optim=optim_options(), vocab_size=60, d_model=16, n_layers=1, n_heads=2, max_seq_len=8
     )
     try:
-        trainer.fit(lm, train_dataloaders=train_loader, val_dataloaders=val_loader)
+        trainer.fit(
+            tiny_lm(vocab_size=60), train_dataloaders=train_loader, val_dataloaders=val_loader
+        )
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 

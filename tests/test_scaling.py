@@ -22,11 +22,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_overrides
 from torch.testing import assert_close
 
 from spannorm.analysis.scalars import read_scalars
 from spannorm.training.checkpointing import consolidate_checkpoint
+
+from helpers import REPO, compose_config, tiny_overrides
 
 GLOBAL_BATCH, SEQ_LEN, STEPS = 16, 32, 4
 RUN = [
@@ -172,13 +173,11 @@ def test_submitit_slurm_config_asks_slurm_for_one_task_per_gpu_and_requeues(tmp_
     """The plugin's own launcher on conf/hydra/launcher/submitit_slurm.yaml, stopped where it
     would call sbatch: the script it would submit."""
     import submitit
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     overrides = ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "trainer=fsdp"]
     overrides += ["trainer.num_nodes=4", "trainer.devices=8", f"hydra.sweep.dir={tmp_path}/sweep"]
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    cfg = compose_config(overrides, return_hydra_config=True)
     scripts = []
 
     def submit(executor, *args):

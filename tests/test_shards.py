@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_overrides
-from hydra import compose, initialize_config_dir
 
 from spannorm.cli import friendly_errors
 from spannorm.cli.train import train
 from spannorm.data import PackedBlocks, ShardError, TextDataModule, build, datamodule, filehash
 from spannorm.data.__main__ import main as data_main
+
+from helpers import compose_config, tiny_overrides
 
 PARAGRAPHS = [f"Paragraph {i}: naïve café {'ab' * (i % 7)}.\nLine {i}." for i in range(60)]
 
@@ -242,8 +242,7 @@ def train_here(corpus: dict, run_dir: Path, *overrides: str) -> dict:
     """Train the tiny config with `overrides` in this process, as train.py does; return the
     last checkpoint."""
     fast = ["trainer.max_steps=4", "trainer.val_check_interval=4"]
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose("train", tiny_overrides(corpus, *fast, *overrides, f"run_dir={run_dir}"))
+    cfg = compose_config(tiny_overrides(corpus, *fast, *overrides, f"run_dir={run_dir}"))
     assert np.isfinite(train(cfg))
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
 
@@ -305,8 +304,7 @@ def test_a_damaged_token_file_met_while_training_is_one_line_of_bad_input(
         "trainer.max_steps=4",
         f"run_dir={tmp_path / 'run'}",
     ]
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose("train", tiny_overrides(tiny_corpus, *overrides))
+    cfg = compose_config(tiny_overrides(tiny_corpus, *overrides))
     with pytest.raises(SystemExit) as exit:
         friendly_errors(train)(cfg)
     assert exit.value.code == 2  # bad input, not a bug (exit 1) with a traceback

@@ -16,18 +16,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spannorm import TransformerConfig, TransformerLM
+from spannorm import TransformerLM
 from spannorm.analysis import measure_signal, summarize_signal
+
+from helpers import tiny_model
 
 D_MODEL, N_HEADS, VOCAB = 64, 4, 257
 DEPTHS = (12, 48, 96)
 
 
 def build(norm: str, n_layers: int, **options) -> TransformerLM:
-    torch.manual_seed(0)
     init = "deepnorm" if norm == "deepnorm" else "xavier"
-    settings = dict(vocab_size=VOCAB, d_model=D_MODEL, n_heads=N_HEADS, init=init)
-    return TransformerLM(TransformerConfig(**settings, norm=norm, n_layers=n_layers, **options))
+    settings = dict(vocab_size=VOCAB, d_model=D_MODEL, n_heads=N_HEADS, init=init, max_seq_len=1024)
+    return tiny_model(**settings, norm=norm, n_layers=n_layers, **options)
 
 
 def tokens(batch: int = 4, length: int = 64) -> torch.Tensor:

@@ -12,7 +12,14 @@ from typing import TypeVar
 
 # LayerStatsMonitor's per-block metrics, logged as `layers/<metric>/block_<l>` (their definitions
 # are in spannorm.callbacks.layer_stats)
-LAYER_METRICS = ("rms", "stream_grad_norm", "param_grad_norm", "update_ratio", "cos", "attn_entropy")
+LAYER_METRICS = (
+    "rms",
+    "stream_grad_norm",
+    "param_grad_norm",
+    "update_ratio",
+    "cos",
+    "attn_entropy",
+)
 # the four that compare runs' per-block profiles best (the reports' profile figures)
 PROFILE_METRICS = ("rms", "stream_grad_norm", "update_ratio", "cos")
 

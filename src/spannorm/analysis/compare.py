@@ -398,8 +398,6 @@ def plot_pivot(groups: dict[str, list[Run]], group_by: str, pivot: str, path: Pa
     figure.savefig(path, dpi=100)
 
 
-
-
 def plot_layer_profiles(groups: dict[str, list[Run]], path: Path) -> bool:
     """Per-block statistics at each run's last logged step (callbacks.layer_stats), a panel per
     metric, a line per run colored by group; False (nothing drawn) if no run logged them."""

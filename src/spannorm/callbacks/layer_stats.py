@@ -81,7 +81,9 @@ class LayerProfilePlot:
             left=0.06, right=0.99, bottom=0.1, top=0.87, wspace=0.28, hspace=0.4
         )
         self.lines = {}
-        for axes, metric in zip(self.figure.subplots(2, 3, sharex=True).flat, LAYER_METRICS, strict=True):
+        for axes, metric in zip(
+            self.figure.subplots(2, 3, sharex=True).flat, LAYER_METRICS, strict=True
+        ):
             (self.lines[metric],) = axes.plot(range(n_blocks), [0.0] * n_blocks, marker=".", lw=1)
             axes.set_title(f"log10 {metric}" if metric in LOG10_PANELS else metric, fontsize=9)
             axes.tick_params(labelsize=7)

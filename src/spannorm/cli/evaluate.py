@@ -40,8 +40,6 @@ def evaluate(cfg: DictConfig) -> float | dict[str, float]:
     return loss
 
 
-
-
 def run_tasks(cfg) -> dict[str, float]:
     """Evaluate a checkpoint on `cfg.tasks` with the harness; write the results as JSON in the
     run directory (`eval/<time>.json`) and as TensorBoard scalars `eval/<task>/<metric>` at the

@@ -123,5 +123,3 @@ def _composition_error(error: CompactHydraException) -> str:
         choices = ", ".join(error.options)
         return f"{group}={name!r} is not {article} {group} config; choose one of: {choices}"
     return " ".join(str(error).strip().split("\n\n")[0].split())  # its first paragraph
-
-

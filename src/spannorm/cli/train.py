@@ -136,5 +136,3 @@ def report_run(val_loss: float, baseline: float, run_dir: Path) -> None:
     console.print(
         f"checkpoint:  {last if last.exists() else checkpoints if checkpoints.exists() else '(none)'}"
     )
-
-
