@@ -213,7 +213,9 @@ def test_init_weights_follows_the_scheme(scheme):
             assert matrix.std().item() == pytest.approx(expected, rel=0.1)
 
 
-@pytest.mark.parametrize("norm", list(PLACEMENTS))
+# nGPT's MLP scalings (s_u, s_v) are defined for the dense SwiGLU MLP only: model.ffn=moe is
+# refused under it (tests/test_placements_2026.py)
+@pytest.mark.parametrize("norm", [name for name in PLACEMENTS if name != "ngpt"])
 def test_every_placement_runs_with_moe(norm):
     torch.manual_seed(0)
     cfg = TransformerConfig(

@@ -77,8 +77,13 @@ class TransformerConfig:
     rope_theta: float = 10000.0
     # normalization placement
     norm: str = "prenorm"
-    norm_type: str = "layernorm"  # layernorm | rmsnorm
+    norm_type: str = "layernorm"  # layernorm | rmsnorm | dyt
     norm_eps: float = 1e-5
+    dyt_alpha: float = 0.5  # DyT's initial alpha (norm_type=dyt)
+    # switches for any placement (default off): per-head norms on q and k before RoPE; a norm on
+    # the token embeddings
+    qk_norm: bool = False
+    embed_norm: bool = False
     init: str = "default"  # default | gpt2 | normal | xavier | deepnorm
     init_std: float = 0.02
     # SpanNorm switches (see docs/norms.md)
@@ -89,6 +94,9 @@ class TransformerConfig:
     # other placements' switches
     mixln_ratio: float = 0.25
     hybridnorm_star: bool = False
+    rezero_final_norm: bool = False  # ReZero: a final norm after the stack (the paper has none)
+    rezero_shared: bool = False  # ReZero: one scalar per block for both sublayers (ReZero's code)
+    ngpt_alpha_init: float = 0.05  # nGPT: initial eigen learning rates alpha_A, alpha_M
     # feed-forward: dense MLP or Mixture-of-Experts
     ffn: str = "dense"  # dense | moe
     n_experts: int = 8
@@ -110,7 +118,14 @@ class TransformerConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be a positive integer")
-        for name in ("mlp_ratio", "rope_theta", "norm_eps", "init_std"):
+        for name in (
+            "mlp_ratio",
+            "rope_theta",
+            "norm_eps",
+            "init_std",
+            "dyt_alpha",
+            "ngpt_alpha_init",
+        ):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"model.{name}={getattr(self, name)} must be a positive number")
         for name in ("moe_aux_loss_coef", "moe_bias_update_rate"):
@@ -144,6 +159,31 @@ class TransformerConfig:
                 f"model.top_k={self.top_k} must be between 1 and model.n_experts={self.n_experts}"
             )
         resolve_alpha(self.alpha, self.n_layers)
+        self._check_placement_switches()
+
+    def _check_placement_switches(self) -> None:
+        """Refuse switches a placement already has built in, or that it has no form for."""
+        if self.norm == "ngpt":
+            refused = {
+                "qk_norm": "nGPT already puts q and k on the unit sphere (times s_qk)",
+                "embed_norm": "nGPT's embeddings are unit-norm rows already",
+            }
+            for name, reason in refused.items():
+                if getattr(self, name):
+                    raise ValueError(
+                        f"model.{name}=true does not apply to model.norm=ngpt: {reason}"
+                    )
+            if self.ffn != "dense" or self.mlp != "swiglu":
+                raise ValueError(
+                    "model.norm=ngpt needs model.ffn=dense and model.mlp=swiglu (got "
+                    f"ffn={self.ffn}, mlp={self.mlp}): its s_u, s_v scalings are defined for the "
+                    "dense SwiGLU MLP"
+                )
+        if self.norm == "hybridnorm" and self.qk_norm:
+            raise ValueError(
+                "model.qk_norm=true does not apply to model.norm=hybridnorm: its attention already "
+                "normalizes q, k (and v) per head"
+            )
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> TransformerConfig:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spannorm.model.config import TransformerConfig
-from spannorm.model.norms import make_norm
+from spannorm.model.norms import norm_for
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -53,8 +53,20 @@ class CausalSelfAttention(nn.Module):
     """softmax(q k^T / sqrt(hd) + causal mask) v, with RoPE on q and k.
 
     `qkv_norm=True` normalizes q, k and v per head (HybridNorm's attention).
+    `model.qk_norm=true` (any placement; Gemma 3, Qwen3, OLMo 2; torchtitan, litgpt `norm_qk`):
+        q <- N_q(q),  k <- N_k(k)  per head, over the head dimension, before RoPE
+    with one norm module each (`q_norm`, `k_norm`), shared by the heads:
+
+        x ── W_qkv ──┬── q ── N_q ── RoPE ──┐
+                     ├── k ── N_k ── RoPE ──┴── softmax(q k^T / sqrt(hd)) ── · v ── W_o
+                     └── v ─────────────────────────────────────────────────┘
+
+    Subclasses change what happens after RoPE (`after_rope`) and the logit scale
+    (`softmax_scale`, None: 1/sqrt(hd)); nGPT's attention does both.
     Setting `kv_cache` to a `KVCache` makes calls incremental (positions continue from the cache).
     """
+
+    softmax_scale: float | None = None
 
     def __init__(self, cfg: TransformerConfig, qkv_norm: bool = False) -> None:
         super().__init__()
@@ -65,10 +77,10 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.qkv_norms = (
-            nn.ModuleList(make_norm(cfg.norm_type, cfg.head_dim, cfg.norm_eps) for _ in range(3))
-            if qkv_norm
-            else None
+            nn.ModuleList(norm_for(cfg, cfg.head_dim) for _ in range(3)) if qkv_norm else None
         )
+        self.q_norm = norm_for(cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = norm_for(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.kv_cache: KVCache | None = None
         # the rotary tables of positions 0..max_seq_len-1, computed once (not saved: derived)
         cos, sin = rope_tables(self.head_dim, 0, cfg.max_seq_len, cfg.rope_theta)
@@ -101,14 +113,20 @@ class CausalSelfAttention(nn.Module):
         )
         if self.qkv_norms is not None:
             q, k, v = (norm(t) for norm, t in zip(self.qkv_norms, (q, k, v), strict=True))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
+
+    def after_rope(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k [B, H, T, hd] after RoPE, as the dot product sees them: unchanged here."""
+        return q, k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.heads(x)
         start = self.kv_cache.length if self.kv_cache is not None else 0
         cos, sin = self.rope(start, T)
-        q, k = rotate(q, cos, sin).type_as(v), rotate(k, cos, sin).type_as(v)
+        q, k = self.after_rope(rotate(q, cos, sin).type_as(v), rotate(k, cos, sin).type_as(v))
         mask = None
         if self.kv_cache is not None:
             k, v = self.kv_cache.append(k, v)
@@ -122,6 +140,7 @@ class CausalSelfAttention(nn.Module):
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=mask is None and start == 0 and T > 1,
+            scale=self.softmax_scale,
         )
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, D)))
 

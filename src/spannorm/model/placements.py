@@ -17,30 +17,36 @@ from torch import nn
 from spannorm.model.config import InitScheme, TransformerConfig, deepnorm_alpha, resolve_alpha
 from spannorm.model.layers import MLP, CausalSelfAttention
 from spannorm.model.moe import MoE
-from spannorm.model.norms import is_norm, make_norm
+from spannorm.model.ngpt import NGPTBlock
+from spannorm.model.norms import is_norm, norm_for
 
 
 @dataclass(frozen=True)
 class Placement:
     """A registered placement: how to build block `l`, whether a final norm follows the stack,
-    which init it uses by default, and where the equation comes from."""
+    which init it uses by default, where the equation comes from, and whether it keeps its
+    weights and hidden states on the unit sphere (nGPT: the LM then scales its logits by s_z,
+    renormalizes its matrices in `after_optimizer_step` and takes no weight decay)."""
 
     name: str
     make_block: Callable[[TransformerConfig, int], nn.Module]
     final_norm: Callable[[TransformerConfig], bool]
     default_init: InitScheme
     source: str
+    hypersphere: bool = False
 
 
 PLACEMENTS: dict[str, Placement] = {}
 
 
-def register(name: str, final_norm, default_init: InitScheme, source: str):
+def register(
+    name: str, final_norm, default_init: InitScheme, source: str, hypersphere: bool = False
+):
     """Class decorator adding a block type to PLACEMENTS; `final_norm` is a bool or f(cfg)."""
 
     def add(block_factory):
         rule = final_norm if callable(final_norm) else (lambda cfg, value=final_norm: value)
-        PLACEMENTS[name] = Placement(name, block_factory, rule, default_init, source)
+        PLACEMENTS[name] = Placement(name, block_factory, rule, default_init, source, hypersphere)
         return block_factory
 
     return add
@@ -78,7 +84,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg, qkv_norm=qkv_norm)
         self.ffn = make_ffn(cfg)
         for name in norms:
-            norm = make_norm(cfg.norm_type, cfg.d_model, cfg.norm_eps)
+            norm = norm_for(cfg, cfg.d_model)
             self.add_module(name, nn.Identity() if name in empty else norm)
         self.register_load_state_dict_pre_hook(_rename_listed_norms)
 
@@ -290,3 +296,64 @@ class LNSBlock(Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x + self.attn(self.scale * self.norm1(x))
         return h + self.ffn(self.scale * self.norm2(h))
+
+
+@register(
+    "reordered",
+    final_norm=True,
+    default_init=InitScheme.NORMAL,
+    source="OLMo 2, arXiv 2501.00656; OLMo-core ReorderedNormTransformerBlock",
+)
+class ReorderedBlock(Block):
+    """OLMo 2's reordered norm: h = x + N1(A(x));  x' = h + N2(F(h)).
+
+    The sublayer's output is normalized; its input and the stream never are.
+
+    x ──┬──────────────────────(+)── h ──┬──────────────────────(+)── x'
+        └── attn ── norm1 ──────┘        └── ffn ── norm2 ───────┘
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.norm1(self.attn(x))
+        return h + self.norm2(self.ffn(h))
+
+
+def rezero_has_final_norm(cfg: TransformerConfig) -> bool:
+    return cfg.rezero_final_norm
+
+
+@register(
+    "rezero",
+    final_norm=rezero_has_final_norm,
+    default_init=InitScheme.XAVIER,
+    source="ReZero, arXiv 2003.04887 (init: inferred)",
+)
+class ReZeroBlock(Block):
+    """ReZero: h = x + a_l * A(x);  x' = h + f_l * F(h), no norm anywhere in the block.
+
+    a_l (`alpha_attn`) and f_l (`alpha_ffn`) are learned scalars initialized to 0, so every block
+    starts as the identity. `rezero_shared`: one scalar per block for both sublayers (f_l = a_l,
+    only `alpha_attn` exists), as in the ReZero authors' code (`resweight`).
+
+    x ──┬──────────────────────(+)── h ──┬──────────────────────(+)── x'
+        └── attn ── ×a_l ───────┘        └── ffn ── ×f_l ────────┘
+    """
+
+    def __init__(self, cfg: TransformerConfig, layer: int):
+        super().__init__(cfg, layer, norms=())
+        self.alpha_attn = nn.Parameter(torch.zeros(1))
+        self.alpha_ffn = None if cfg.rezero_shared else nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.alpha_attn if self.alpha_ffn is None else self.alpha_ffn
+        h = x + self.alpha_attn * self.attn(x)
+        return h + f * self.ffn(h)
+
+
+register(
+    "ngpt",
+    final_norm=False,
+    default_init=InitScheme.NORMAL,
+    source="nGPT, arXiv 2410.01131; NVIDIA/ngpt model.py and train.py",
+    hypersphere=True,
+)(NGPTBlock)
