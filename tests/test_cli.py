@@ -77,7 +77,7 @@ def test_every_trainer_config_instantiates_on_cpu(trainer, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tiny_corpus, tmp_path_factory) -> tuple[Path, str]:
+def short_run(tiny_corpus, tmp_path_factory) -> tuple[Path, str]:
     """A run shorter than its validation interval: it still ends with a validation."""
     run_dir = tmp_path_factory.mktemp("run")
     overrides = tiny_overrides(
@@ -88,8 +88,8 @@ def trained_run(tiny_corpus, tmp_path_factory) -> tuple[Path, str]:
 
 
 @pytest.mark.slow
-def test_train_logs_scalars_learns_and_reports(trained_run):
-    run_dir, stdout = trained_run
+def test_train_logs_scalars_learns_and_reports(short_run):
+    run_dir, stdout = short_run
     scalars = read_scalars(run_dir)
     for tag in ("train/loss", "val/loss", "val/ppl", "train/lr", "train/grad_norm"):
         assert scalars.get(tag), f"{tag} missing from the event file: {sorted(scalars)}"
@@ -102,8 +102,8 @@ def test_train_logs_scalars_learns_and_reports(trained_run):
 
 
 @pytest.mark.slow
-def test_eval_rebuilds_the_run_and_matches_logged_val_loss(trained_run, tmp_path):
-    run_dir, _ = trained_run
+def test_eval_rebuilds_the_run_and_matches_logged_val_loss(short_run, tmp_path):
+    run_dir, _ = short_run
     logged = read_scalars(run_dir)["val/loss"][-1][1]
     # today's defaults differ from the run's (n_layers=4 vs 2): eval must use the saved config
     result = run_entry(
@@ -114,8 +114,8 @@ def test_eval_rebuilds_the_run_and_matches_logged_val_loss(trained_run, tmp_path
 
 
 @pytest.mark.slow
-def test_generate_samples_text_with_and_without_cache(trained_run, tmp_path):
-    run_dir, _ = trained_run
+def test_generate_samples_text_with_and_without_cache(short_run, tmp_path):
+    run_dir, _ = short_run
     result = run_entry(  # one process, a job for each setting
         "generate.py",
         "-m",

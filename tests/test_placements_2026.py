@@ -23,17 +23,21 @@ import torch.nn.functional as F
 from test_placements import NORM_CLASSES, NORM_TYPES, randomize_norms
 from torch import nn
 
-from spannorm import PLACEMENTS, TransformerConfig, TransformerLM
+from spannorm import PLACEMENTS, TransformerLM
 from spannorm.model.layers import KVCache
 from spannorm.model.norms import DyT
+
+from helpers import run_entry, tiny_model, tiny_overrides
 
 D_MODEL, N_HEADS, VOCAB = 16, 2, 61
 HEAD_DIM = D_MODEL // N_HEADS
 
 
 def build(norm: str = "prenorm", **options) -> TransformerLM:
-    settings = dict(vocab_size=VOCAB, d_model=D_MODEL, n_layers=3, n_heads=N_HEADS, norm=norm)
-    return TransformerLM(TransformerConfig(**{**settings, **options}))
+    settings = dict(
+        vocab_size=VOCAB, d_model=D_MODEL, n_layers=3, n_heads=N_HEADS, max_seq_len=1024
+    )
+    return tiny_model(None, **{**settings, "norm": norm, **options})
 
 
 @torch.no_grad()
@@ -470,3 +474,38 @@ def test_ngpt_renormalization_of_fsdp2_shards_equals_the_unsharded_one(tmp_path)
     for report in reports:
         assert report["kinds"] == ["DTensor"]
         assert report["difference"] < 1e-6 and report["off_sphere"] < 1e-5, report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["reordered", "rezero", "ngpt"])
+def test_train_py_learns_beyond_the_unigram_baseline(name, tiny_corpus, tmp_path):
+    """`python train.py model.norm=<name>` on the tiny corpus, the default callbacks on."""
+    result = run_entry(
+        "train.py", *tiny_overrides(tiny_corpus, f"model.norm={name}", f"hydra.run.dir={tmp_path}")
+    )
+    assert "learned beyond unigram" in result.stdout, result.stdout[-600:]
+
+
+@pytest.mark.slow
+def test_ngpt_weights_are_unit_norm_after_training_and_a_resume(tiny_corpus, tmp_path):
+    """train.py renormalizes after each optimizer step; a resumed run goes on doing so."""
+    from spannorm.inference.load import load_trained
+
+    def train(max_steps: int) -> None:
+        overrides = [
+            "model.norm=ngpt",
+            f"trainer.max_steps={max_steps}",
+            "trainer.val_check_interval=10",
+            f"hydra.run.dir={tmp_path}",
+        ]
+        run_entry("train.py", *tiny_overrides(tiny_corpus, *overrides), "resume=auto")
+
+    train(10)
+    first = load_trained(tmp_path)
+    train(16)
+    resumed = load_trained(tmp_path)
+    assert (first.step, resumed.step) == (10, 16)
+    for trained in (first, resumed):
+        assert max(unit_norm_errors(trained.model).values()) < 1e-5
+    moved = first.model.state_dict()["blocks.0.attn.qkv.weight"]
+    assert not torch.equal(moved, resumed.model.state_dict()["blocks.0.attn.qkv.weight"])

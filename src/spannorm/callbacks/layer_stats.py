@@ -56,7 +56,9 @@ def attention_entropy(attn: CausalSelfAttention, x: torch.Tensor) -> torch.Tenso
     T = x.shape[1]
     q, k, _ = attn.heads(x)
     cos, sin = rope_tables(attn.head_dim, 0, T, attn.rope_theta, x.device)
-    scores = rotate(q, cos, sin) @ rotate(k, cos, sin).transpose(-2, -1) / math.sqrt(attn.head_dim)
+    q, k = attn.after_rope(rotate(q, cos, sin), rotate(k, cos, sin))  # nGPT: unit norm, s_qk
+    scale = attn.softmax_scale if attn.softmax_scale is not None else 1 / math.sqrt(attn.head_dim)
+    scores = q @ k.transpose(-2, -1) * scale
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     probs = scores.float().masked_fill(~causal, float("-inf")).softmax(dim=-1)
     return torch.special.entr(probs).sum(dim=-1).mean()

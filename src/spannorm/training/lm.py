@@ -129,6 +129,13 @@ class LanguageModel(L.LightningModule):
         if self.logger_writes():
             self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
 
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimizer's step, then the model's own rule for its weights after a step (nGPT
+        puts its matrices back on the unit sphere; other placements: nothing). Runs on every
+        process, on the sharded parameters under FSDP2."""
+        super().optimizer_step(*args, **kwargs)
+        self.model.after_optimizer_step()
+
     def validation_step(self, batch, batch_idx: int) -> None:
         self.val_loss.update(self.loss(batch), weight=batch[0].shape[0])
 
