@@ -69,7 +69,9 @@ def wilcoxon(differences: list[float]) -> Wilcoxon:
     r_plus = sum(r for r, x in zip(ranks, d, strict=True) if x > 0)
     ties = len(set(map(abs, d))) < n
     zeros = len(d) < len([x for x in differences if not math.isnan(x)])
-    if (not ties and not zeros and len(differences) <= 50) or ((ties or zeros) and len(differences) <= 13):
+    if (not ties and not zeros and len(differences) <= 50) or (
+        (ties or zeros) and len(differences) <= 13
+    ):
         counts = signed_rank_distribution(ranks)
         total = 2**n
         observed = round(2 * r_plus)
