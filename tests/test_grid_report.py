@@ -1,25 +1,41 @@
-"""The grid report (spannorm.analysis.grid) on summaries written by the test: best cell, band,
-plateau escapes, depth plot."""
+"""The study report (spannorm.studies.report) on summaries written by the test: best cell, band,
+plateau escapes, depth table, pairs by seed; and the placement grid's committed summaries, which
+must give today's best cells, means and counts."""
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
-from spannorm.analysis.grid import (
-    band,
-    best_cell,
-    by_cell,
+import pytest
+from conftest import REPO
+
+from spannorm.studies.report import (
+    Report,
     escape_correlation,
     escape_correlation_text,
-    escape_points,
     heatmap_range,
-    load_summaries,
-    paired_by_seed,
-    paired_table,
-    ranks,
     report,
 )
+from spannorm.studies.results import load_summaries
+from spannorm.studies.runner import load_study
+from spannorm.studies.stats import average_ranks as ranks
+
+STUDY = """
+experiment: placement_sweep
+variants:
+  prenorm: {model.norm: prenorm}
+  spannorm: {model.norm: spannorm}
+grid:
+  optim.lr: [1.0e-3, 3.0e-3, 6.0e-3, 1.0e-2]
+  optim.warmup_steps: [60, 150, 300]
+stages:
+  - {name: tune}
+  - {name: depth, cells: best, set: {model.n_layers: [64]}}
+summaries: runs
+report: out/grid.md
+"""
 
 
 def summary(norm, lr, warmup, seed, loss, escape=100, layers=32, diverged=None):
@@ -59,28 +75,42 @@ RUNS = [
 
 
 def write(tmp_path, runs=RUNS):
+    """The summaries and a study over them; the Report of that study."""
     directory = tmp_path / "runs"
     directory.mkdir()
     for run in runs:
         (directory / f"{run['name']}.json").write_text(json.dumps(run).replace("NaN", "null"))
-    return directory
+    (tmp_path / "study.yaml").write_text(STUDY)
+    study = load_study(str(tmp_path / "study.yaml"), REPO / "conf")
+    study.summaries, study.report_dir = directory, tmp_path / "out" / "grid.md"
+    return study, Report(study, load_summaries(directory))
+
+
+AT32 = (("model.n_layers", 32),)
+
+
+def cell(lr, warmup):
+    return (("optim.lr", lr), ("optim.warmup_steps", warmup))
 
 
 def test_best_cell_needs_two_seeds_and_the_band_is_measured_from_it(tmp_path):
-    cells = by_cell(load_summaries(write(tmp_path)))
-    best = best_cell(cells, "spannorm")
-    assert (best.lr, best.warmup) == (3e-3, 150)  # 4.785 over two seeds beats 1e-3's one run
-    assert best_cell(cells, "prenorm").lr == 3e-3  # 4.85 against 4.86 at 6e-3
-    assert sorted(c.lr for c in band(cells, best, 0.05)) == [1e-3, 3e-3]  # 1e-3: one seed, 4.0
+    _, r = write(tmp_path)
+    best = r.results.best_cell("spannorm", AT32)
+    assert best == cell(3e-3, 150)  # 4.785 over two seeds beats 1e-3's one run
+    assert r.results.best_cell("prenorm", AT32) == cell(3e-3, 150)  # 4.85 against 4.86 at 6e-3
+    band = r.results.band("spannorm", AT32, best, 0.05)
+    assert sorted(dict(c)["optim.lr"] for c in band) == [1e-3, 3e-3]  # 1e-3: one seed, 4.0
 
 
 def test_report_writes_tables_with_escapes_and_depth(tmp_path):
-    written = report(write(tmp_path), tmp_path / "out")
+    study, _ = write(tmp_path)
+    written = report(study)
     names = [p.name for p in written]
     assert names == [
         "grid.md",
         "grid_heatmap.png",
         "loss_vs_depth.png",
+        "grid_curves.png",
         "escape_vs_loss.png",
         "gradient_profiles.png",
     ]
@@ -88,11 +118,11 @@ def test_report_writes_tables_with_escapes_and_depth(tmp_path):
     assert "| spannorm | lr 3e-3, warm-up 150 | 4.7850 ± 0.0071 (2) |" in text
     assert "| 150 | 4.0000 (1) | 4.7850 ± 0.0071 (2) | 5.5400 ± 1.0748 (2) |" in text
     assert "100, never" in text  # the seed of spannorm at 6e-3 that stayed on the plateau
-    # side by side: a row per warm-up and placement that ran there, a cell not run left empty
+    # side by side: a row per warm-up and variant that ran there, a cell not run left empty
     assert "| 60, prenorm |" not in text and "| 60, spannorm |  |  |  | – (1) [100] |" in text
     assert "| 150, prenorm |  | 4.8500 ± 0.0707 (2) [100, 100] |" in text
     assert "| 150, spannorm | 4.0000 (1) [100] | 4.7850 ± 0.0071 (2) [100, 100] |" in text
-    # the depth table: a row per setting run at two or more depths
+    # the depth table: a row per variant and cell run at two or more depths
     assert "| setting \\ blocks | 32 | 64 |" in text
     assert (
         "| spannorm, lr 3e-3, warm-up 150 | 4.7850 ± 0.0071 (2) [100, 100] | 4.9000 (1) [100] |"
@@ -120,11 +150,15 @@ def test_pairs_by_seed_match_depth_cell_and_seed_and_count_diverged_runs_out(tmp
         summary("spannorm", 6e-3, 300, 1, float("nan"), layers=8, diverged=40),
         summary("spannorm", 1e-2, 300, 1, 4.60),  # no prenorm at this cell: unpaired
     ]
-    cells = by_cell(load_summaries(write(tmp_path, runs)))
-    pairs = paired_by_seed(cells, "prenorm", "spannorm")
-    assert [(c.n_layers, seed) for c, seed, _, _ in pairs] == [(8, 1), (32, 1), (32, 2)]
+    _, r = write(tmp_path, runs)
+    pairs = r.pairs("prenorm", "spannorm")
+    assert [(dict(p.setting)["model.n_layers"], seed) for p, seed, _, _ in pairs] == [
+        (8, 1),
+        (32, 1),
+        (32, 2),
+    ]
     assert [round(b - a, 2) for _, _, a, b in pairs[1:]] == [-0.10, 0.05]
-    text = paired_table(cells, "prenorm", "spannorm")
+    text = r.paired_section("prenorm", "spannorm")
     assert text.startswith("spannorm ends lower in 1 of 2 pairs")
 
 
@@ -141,7 +175,8 @@ def test_ranks_share_ties_and_escape_correlation_counts_only_runs_that_escaped(t
         summary("spannorm", 6e-3, 300, 2, 4.60, escape=110),
         summary("spannorm", 6e-3, 300, 3, 4.65, escape=120),
     ]
-    points = escape_points(load_summaries(write(tmp_path, runs)))
+    _, r = write(tmp_path, runs)
+    points = r.escape_points(AT32)
     assert sorted(points["prenorm"], key=lambda p: p[1]) == [
         (70, 4.80, 300),
         (90, 4.90, 150),
@@ -160,3 +195,47 @@ def test_ranks_share_ties_and_escape_correlation_counts_only_runs_that_escaped(t
     # two runs that escaped are too few for a correlation: no line rather than a meaningless one
     rho, n = escape_correlation([(70, 4.8, 300), (90, 4.9, 300), (None, 6.4, 60)])
     assert math.isnan(rho) and n == 2
+
+
+# The tables of docs/results/grid/grid.md as scripts/grid_report.py wrote them from the 73
+# committed summaries before the grid became a study (commit 7c5e153): the study's report of the
+# same summaries must give the same best cells, means, bands and counts.
+GRID_ROWS = [
+    "| prenorm | lr 6e-3, warm-up 300 | 4.8191 ± 0.0256 (3) | 4.7920 | 4.8429 | 4 of 12: "
+    "3e-3/300, 6e-3/150, 6e-3/300, 1e-2/300 | 25 of 25 |",
+    "| spannorm | lr 6e-3, warm-up 300 | 4.6755 ± 0.0120 (3) | 4.6683 | 4.6893 | 1 of 12: "
+    "6e-3/300 | 22 of 25 |",
+    "| lns | lr 6e-3, warm-up 300 | 4.7690 (1) | 4.7690 | 4.7690 | 1 of 1: 6e-3/300 | 1 of 1 |",
+    "| postnorm | lr 6e-3, warm-up 300 | 6.4220 (1) | 6.4220 | 6.4220 | 1 of 1: 6e-3/300 | 0 of 1 |",
+    "| 300, spannorm | 5.3127 ± 0.0063 (2) [176, 168] | 4.8080 ± 0.0035 (2) [120, 119] | "
+    "4.6755 ± 0.0120 (3) [101, 96, 121] | 4.7641 ± 0.0025 (2) [120, 96] |",
+    "spannorm ends lower in 19 of 34 pairs (median difference -0.0242 nats;",
+    "| 64 | lr 6e-3, warm-up 300 | 2 | 4.9309 | 4.6996 | -0.2312 |",
+    "| spannorm, lr 6e-3, warm-up 300 | 4.7366 ± 0.0041 (2) [98, 96] | 4.7272 ± 0.0005 (2) "
+    "[111, 103] | 4.6755 ± 0.0120 (3) [101, 96, 121] | 4.7128 ± 0.0186 (2) [125, 103] |",
+    "| postnorm, lr 6e-3, warm-up 300 | 5.0927 (1) [74] | 6.4225 (1) [never] | 6.4220 (1) "
+    "[never] | 6.4202 (1) [never] |",
+    "- spannorm: Spearman's rank correlation of escape step and final val loss 0.66 over the 22 "
+    "runs that escaped (every cell together); 3 of 25 runs never left the plateau.",
+]
+
+
+def test_placement_grid_study_reports_the_committed_grid_as_before(tmp_path):
+    study = load_study("placement_grid", REPO / "conf")
+    assert study.summaries == Path("docs/results/grid/runs")
+    study.summaries = REPO / study.summaries
+    study.report_dir = tmp_path / "grid.md"
+    report(study)
+    text = study.report_dir.read_text()
+    assert "# Learning rate x warm-up grid at 32 blocks (73 runs)" in text
+    for row in GRID_ROWS:
+        assert row in text
+    # the committed report is this report (regenerated by study.py, not edited by hand)
+    committed = (REPO / "docs/results/grid/grid.md").read_text()
+    assert committed == text.replace(f"`{study.summaries}`", "`docs/results/grid/runs`")
+
+
+@pytest.mark.parametrize("name", ["placement_grid", "lr_transfer", "budget_x4", "moe"])
+def test_committed_studies_load(name):
+    study = load_study(name, REPO / "conf")
+    assert study.dir == Path("outputs/studies") / name
