@@ -2,7 +2,7 @@
 
 (a) train.py against a bare PyTorch loop. Each of `bench.rounds` rounds runs train.py as a user
     runs it (a fresh process; the default callbacks, logging and TensorBoard logger) for
-    warmup_steps + timed_steps steps with a `StepClock`, which interleaves a bare-loop twin: a copy
+    warmup_steps + timed_steps steps with a `TwinClock`, which interleaves a bare-loop twin: a copy
     of the model at the same initial weights on its own pass over the same DataLoader, with the
     LanguageModel's own loss, optimizer and schedule and the trainer's clipping, running
     `bench.twin_every` steps after every `bench.twin_every` train.py steps. So both see the same
@@ -10,7 +10,7 @@
     sought. train.py's clock: from the end of one step to the end of the next, with the twin's
     steps and validation left out; the twin's: from next(batch) to the end of its step.
     Reported: tokens/s of both and their ratio per round; medians over rounds, each ratio with
-    an interval (`median_interval`). `bench.variants` adds train.py runs with more overrides;
+    an interval (`spannorm.bench.stats`). `bench.variants` adds train.py runs with more overrides;
     `bench.malloc_ab` adds the bare loop alone in fresh processes, with and without
     train.py's malloc setting (`keep_freed_memory`).
 (b) fwd+bwd+optimizer step time of every placement against prenorm, interleaved on batches held in
@@ -29,7 +29,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -45,23 +44,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from spannorm.bench import (
-    BareLoop,
-    StepClock,
-    bare_run,
-    matmul_peak,
-    median_interval,
-    quiet_lightning,
-    run_logged,
-    template_timing,
-    time_data_path,
-    time_placements,
-    twin_timing,
-)
-from spannorm.callbacks.throughput import flops_per_token
+from spannorm.bench.bare import BareLoop, bare_run, endless, quiet_lightning
+from spannorm.bench.machine import describe_machine, load_average
+from spannorm.bench.memory import run_logged
+from spannorm.bench.stats import Ratio, paired_ratio, summarize
+from spannorm.bench.timing import interleaved_rounds
+from spannorm.bench.twin import TwinClock, template_timing, twin_timing
+from spannorm.callbacks.throughput import flops_per_token, measure_matmul_flops
 from spannorm.cli import friendly_errors, launch
 from spannorm.console import console
-from spannorm.data.prepare import build_datamodule
+from spannorm.data.prepare import build_datamodule, prepare_data
+from spannorm.data.shakespeare import ensure_shakespeare
 from spannorm.errors import UsageError
 from spannorm.model import PLACEMENTS
 
@@ -83,21 +76,6 @@ def check_config(cfg: DictConfig) -> None:
         raise UsageError("bench.timed_steps must be a multiple of bench.twin_every")
 
 
-def describe_machine() -> str:
-    """`<cores>-core <CPU model> CPU, no GPU` (or `a GPU`, if torch sees one)."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    names = [line for line in lines if line.startswith("model name")]
-    if names:
-        model = names[0].split(":", 1)[1].strip()
-    return f"{os.cpu_count()}-core {model} CPU, {'a' if torch.cuda.is_available() else 'no'} GPU"
-
-
-def load() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
 def train_script_run(cfg: DictConfig, workdir: Path, name: str, extra: list, twin: bool) -> dict:
     """One timed train.py run (the command line's train overrides, then `extra`): the arm `name`,
     with its peak RSS, and with `twin` the arm `name + TWIN`."""
@@ -113,7 +91,7 @@ def train_script_run(cfg: DictConfig, workdir: Path, name: str, extra: list, twi
         *extra,
         f"trainer.max_steps={bench.warmup_steps + bench.timed_steps}",
         f"hydra.run.dir={workdir / f'run-{tag}'}",
-        f"+callbacks.step_clock._target_={StepClock.__module__}.{StepClock.__name__}",
+        f"+callbacks.step_clock._target_={TwinClock.__module__}.{TwinClock.__name__}",
         f"+callbacks.step_clock.path={clock}",
         f"+callbacks.step_clock.warmup={bench.warmup_steps}",
         f"+callbacks.step_clock.twin_every={bench.twin_every if twin else 0}",
@@ -174,7 +152,7 @@ def compare_with_bare_loop(cfg: DictConfig) -> dict:
         runs, ratios = timed_runs(cfg, workdir)
         names = list(runs)
         for index in range(cfg.bench.rounds):
-            measured = {"load_1min": load(), "arms": {}}
+            measured = {"load_1min": load_average(), "arms": {}}
             shift = index % len(names)
             for name in [*names[shift:], *names[:shift]]:
                 for arm, timing in runs[name]().items():
@@ -203,16 +181,7 @@ def compare_with_bare_loop(cfg: DictConfig) -> dict:
         arm: {key: statistics.median(r["arms"][arm][key] for r in rounds) for key in keys}
         for arm in rounds[0]["arms"]
     }
-    intervals = {}
-    for ratio in ratios:
-        values = [r["ratios"][ratio] for r in rounds]
-        low, high, confidence = median_interval(values)
-        intervals[ratio] = {
-            "median": statistics.median(values),
-            "low": low,
-            "high": high,
-            "confidence": confidence,
-        }
+    intervals = {ratio: vars(summarize([r["ratios"][ratio] for r in rounds])) for ratio in ratios}
     peak_rss = {
         arm: max(r["arms"][arm]["peak_rss_mib"] for r in rounds)
         for arm in summary
@@ -228,25 +197,29 @@ def compare_with_bare_loop(cfg: DictConfig) -> dict:
 
 
 def compare_placements(cfg: DictConfig, datamodule) -> dict:
-    """(b): per placement, the median step time and its ratio to prenorm's."""
+    """(b): per placement, its median step time (fwd+bwd+optimizer, on batches already in memory)
+    in each round, and the median over rounds of its ratio to prenorm's in the same round; one
+    untimed step of each placement first."""
     bench = cfg.bench
     names = list(bench.placements or PLACEMENTS)
     names = names if "prenorm" in names else ["prenorm", *names]
     batches = list(itertools.islice(datamodule.train_dataloader(), 8))
 
-    def make_loop(name: str) -> BareLoop:
+    def arm(name: str):
         L.seed_everything(cfg.seed, verbose=False)
         steps = 1 + bench.placement_rounds * bench.placement_steps
-        return BareLoop(instantiate(cfg.model, norm=name), steps, cfg.trainer.gradient_clip_val)
+        loop = BareLoop(instantiate(cfg.model, norm=name), steps, cfg.trainer.gradient_clip_val)
+        cycle = endless(batches)
+        loop.step(next(cycle))
+        return lambda: loop.step(next(cycle))
 
-    medians = time_placements(
-        make_loop, names, batches, bench.placement_rounds, bench.placement_steps
-    )
-    prenorm = medians["prenorm"]
+    arms = {name: arm(name) for name in names}
+    rounds = interleaved_rounds(arms, bench.placement_rounds, bench.placement_steps)
+    medians = {name: [r["wall"][name] for r in rounds] for name in names}
     return {
         name: {
             "median_step": statistics.median(times),
-            "ratio": statistics.median(t / p for t, p in zip(times, prenorm, strict=True)),
+            "ratio": paired_ratio(times, medians["prenorm"]).median,
             "round_medians": times,
         }
         for name, times in medians.items()
@@ -300,10 +273,7 @@ def training_section(results: dict) -> list[str]:
         row(
             ["interval", ""]
             + [""] * len(arms)
-            + [
-                f"{r['low']:.3f}-{r['high']:.3f} ({100 * r['confidence']:.0f}%)"
-                for r in training["ratios"].values()
-            ]
+            + [Ratio(**r).interval() for r in training["ratios"].values()]
         ),
         "",
         "interval: the order statistics of the rounds' ratios that cover the median ratio with "
@@ -378,6 +348,33 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def time_data_path(data_cfg, data_dir: Path, cached_repeats: int) -> dict[str, float | None]:
+    """(c): seconds of each stage of building the data from nothing in `data_dir`: the corpus
+    (the Shakespeare source only, else None), the tokenizer, then tokenizing the splits and
+    packing them; and the median of `cached_repeats` loads of it all from the cache afterwards."""
+    datamodule = instantiate(data_cfg, data_dir=str(data_dir))
+    stages: dict[str, float | None] = {"corpus_s": None}
+    start = time.perf_counter()
+    if datamodule.source == "shakespeare":
+        ensure_shakespeare(data_dir)
+        stages["corpus_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    datamodule.load_tokenizer()
+    stages["tokenizer_s"] = time.perf_counter() - start
+    stages["tokens_s"] = load_seconds(datamodule)
+    stages["cached_s"] = statistics.median(
+        load_seconds(instantiate(data_cfg, data_dir=str(data_dir))) for _ in range(cached_repeats)
+    )
+    return stages
+
+
+def load_seconds(datamodule) -> float:
+    """Seconds of `prepare_data` and `setup` of a datamodule, as train.py runs them."""
+    start = time.perf_counter()
+    prepare_data(datamodule)
+    return time.perf_counter() - start
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
@@ -391,7 +388,7 @@ def main(cfg: DictConfig) -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "started": now.isoformat(timespec="seconds"),
-        "load_start": load(),
+        "load_start": load_average(),
         "shape": (
             f"{cfg.model.norm} d={cfg.model.d_model} L={cfg.model.n_layers} "
             f"heads={cfg.model.n_heads}, batch {cfg.data.batch_size} x seq {cfg.data.seq_len}, "
@@ -400,7 +397,8 @@ def main(cfg: DictConfig) -> None:
         ),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    results["matmul_flops"] = matmul_peak(bench.matmul_sizes)
+    cpu = torch.device("cpu")
+    results["matmul_flops"] = {n: measure_matmul_flops(cpu, n) for n in bench.matmul_sizes}
     console.print(f"matmul peak {max(results['matmul_flops'].values()) / 1e9:.0f} GFLOP/s")
     if bench.cold_data:
         with tempfile.TemporaryDirectory() as data_dir:
@@ -411,7 +409,7 @@ def main(cfg: DictConfig) -> None:
         results["training"] = compare_with_bare_loop(cfg)
     if bench.placement_rounds:  # 0: skip (b)
         results["placements"] = compare_placements(cfg, build_datamodule(cfg.data))
-    results["load_end"] = load()
+    results["load_end"] = load_average()
     results["minutes"] = (time.perf_counter() - started) / 60
     out = Path(bench.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Training-step speed of our TransformerLM against a minimal pre-norm GPT, side by side on CPU.
 
-    python scripts/benchmark_model.py                 # the issue-18 shape, 7 interleaved rounds
+    python scripts/benchmark_model.py                 # d=256, 6 blocks, 7 interleaved rounds
     python scripts/benchmark_model.py --rounds 11 --steps 3 --profile
     python scripts/benchmark_model.py --compile all   # every arm's blocks through torch.compile
 
@@ -23,20 +23,21 @@ the first steps then include the compilation, so give `--warmup` at least 2.
 from __future__ import annotations
 
 import argparse
-import functools
+import itertools
 import os
 import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from spannorm.bench import median_interval
+from spannorm.bench.machine import load_average, software
+from spannorm.bench.stats import paired_ratio
+from spannorm.bench.timing import CLOCKS, interleaved_rounds
 from spannorm.model import TransformerConfig, TransformerLM
 from spannorm.training.parallel import apply_compile
 
@@ -165,15 +166,6 @@ class Arm:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def timed(step: Callable[[], None]) -> tuple[float, float]:
-    """Wall seconds and process CPU seconds of `step()`. On a loaded machine the CPU time is the
-    steadier measure of the work at 1 thread (it leaves out the time spent waiting for a core);
-    at more threads it also counts the threads' spinning."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    step()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
 VIEWS = {"view", "_unsafe_view", "as_strided", "transpose", "permute", "t", "expand", "detach"}
 VIEWS |= {"split", "split_with_sizes", "chunk", "unbind", "slice", "select", "alias", "unsqueeze"}
 
@@ -197,26 +189,23 @@ def count_ops(arm: Arm, batch) -> Counter[str]:
 
 
 def run_rounds(arms: dict[str, Arm], batches: list, rounds: int, steps: int) -> list[dict]:
-    """Per round, each arm's median step (s); arms take turns, starting one later each round."""
-    names, results = list(arms), []
-    for index in range(rounds):
-        shift = index % len(names)
-        wall, cpu = {}, {}
-        for name in [*names[shift:], *names[:shift]]:
-            step = arms[name].step
-            times = [
-                timed(functools.partial(step, batches[(index + s) % len(batches)]))
-                for s in range(steps)
-            ]
-            wall[name] = statistics.median(t[0] for t in times)
-            cpu[name] = statistics.median(t[1] for t in times)
-        results.append({"load": round(os.getloadavg()[0], 2), "wall": wall, "cpu": cpu})
+    """Per round, each arm's median step (s) on each clock (`interleaved_rounds`); every arm
+    steps through the same batches in the same order."""
+
+    def stepper(arm: Arm):
+        cycle = itertools.cycle(batches)
+        return lambda: arm.step(next(cycle))
+
+    def show(index: int, result: dict) -> None:
+        wall, cpu = result["wall"], result["cpu"]
         print(
-            f"round {index} (load {results[-1]['load']}): "
-            + ", ".join(f"{n} {1e3 * wall[n]:.0f} ms ({1e3 * cpu[n]:.0f} CPU)" for n in names),
+            f"round {index} (load {result['load']}): "
+            + ", ".join(f"{n} {1e3 * wall[n]:.0f} ms ({1e3 * cpu[n]:.0f} CPU)" for n in arms),
             flush=True,
         )
-    return results
+
+    steppers = {name: stepper(arm) for name, arm in arms.items()}
+    return interleaved_rounds(steppers, rounds, steps, on_round=show)
 
 
 def profile(arms: dict[str, Arm], batches: list, steps: int, rows: int) -> dict[str, dict]:
@@ -270,13 +259,9 @@ def report(rounds: list[dict], ops: dict[str, Counter], tokens_per_step: int) ->
     for ratio, (a, b) in RATIOS.items():
         if a in ops and b in ops:
             cells = []
-            for clock in ("wall", "cpu"):
-                values = [r[clock][b] / r[clock][a] for r in rounds]
-                low, high, confidence = median_interval(values)
-                cells += [
-                    f"**{statistics.median(values):.3f}**",
-                    f"{low:.3f}-{high:.3f} ({100 * confidence:.0f}%)",
-                ]
+            for clock in CLOCKS:  # throughput a / b = time b / time a, paired by round
+                paired = paired_ratio([r[clock][b] for r in rounds], [r[clock][a] for r in rounds])
+                cells += [f"**{paired.median:.3f}**", paired.interval()]
             print(f"| {ratio} | " + " | ".join(cells) + " |")
 
 
@@ -325,11 +310,11 @@ def main(argv: list[str]) -> None:
         for s in range(args.warmup):
             arms[name].step(batches[s % len(batches)])
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; "
+        f"{software()}, {os.cpu_count()} cores; "
         f"d={args.d_model} L={args.n_layers} heads={args.n_heads} seq={args.seq_len} "
         f"batch={args.batch} vocab={args.vocab} fp32; ours: norm={args.norm}; "
         f"compiled blocks: {args.compile}; "
-        f"{args.rounds} rounds x {args.steps} steps; load {os.getloadavg()[0]:.2f}",
+        f"{args.rounds} rounds x {args.steps} steps; load {load_average():.2f}",
         flush=True,
     )
     # op counts in eager mode only: a compiled block runs its fused kernels below the dispatcher
@@ -339,7 +324,7 @@ def main(argv: list[str]) -> None:
     }
     started = time.perf_counter()
     rounds = run_rounds(arms, batches, args.rounds, args.steps)
-    print(f"\n{time.perf_counter() - started:.0f} s; load at the end {os.getloadavg()[0]:.2f}")
+    print(f"\n{time.perf_counter() - started:.0f} s; load at the end {load_average():.2f}")
     report(rounds, ops, args.batch * args.seq_len)
     if args.profile:
         per_arm = profile(arms, batches, args.profile_steps, args.profile_rows)

@@ -1,8 +1,9 @@
 """Forward+backward time of the MoE feed-forward against the dense MLP at the same width.
 
-Each repeat times every variant once, in turn (interleaved, so drift in a shared machine's load
-hits all of them alike); the table reports the median time per variant and the median over repeats
-of its time divided by the dense MLP's time in the same repeat.
+Each repeat times every variant once, in turn, starting one variant later each repeat
+(`spannorm.bench.timing.interleaved_rounds`, so drift in a shared machine's load hits all of them
+alike); the table reports the median time per variant and the median over repeats of its time
+divided by the dense MLP's time in the same repeat (`spannorm.bench.stats.paired_ratio`).
 Writes the table, the command and the machine to a markdown file (default docs/moe.md).
 
     .venv/bin/python scripts/benchmark_moe.py --machine "2-core shared CPU"
@@ -11,16 +12,17 @@ Writes the table, the command and the machine to a markdown file (default docs/m
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shlex
 import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from spannorm.bench.machine import describe_machine, load_average
+from spannorm.bench.stats import paired_ratio
+from spannorm.bench.timing import interleaved_rounds
 from spannorm.model.config import TransformerConfig
 from spannorm.model.layers import MLP
 from spannorm.model.moe import MoE
@@ -34,7 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--machine", default=f"{platform.processor() or platform.machine()} CPU")
+    parser.add_argument("--machine", default=None, help="described in the report (default: probed)")
     parser.add_argument("--out", type=Path, default=Path("docs/moe.md"))
     return parser.parse_args()
 
@@ -50,14 +52,12 @@ def variants(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     return layers
 
 
-def forward_backward_seconds(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+def forward_backward(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
     layer.zero_grad(set_to_none=True)
-    start = time.perf_counter()
     out = layer(x)
     loss = (out * grad).sum()
     aux = getattr(layer, "aux_loss", None)
     (loss if aux is None else loss + aux).backward()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -67,19 +67,16 @@ def main() -> None:
     layers = variants(args)
     x = torch.randn(1, args.tokens, args.d_model, requires_grad=True)
     grad = torch.randn(1, args.tokens, args.d_model)
-    times: dict[str, list[float]] = {name: [] for name in layers}
-    load_before = os.getloadavg()[0]
-    for repeat in range(args.warmup + args.repeats):
-        for name, layer in layers.items():
-            seconds = forward_backward_seconds(layer, x, grad)
-            if repeat >= args.warmup:
-                times[name].append(seconds)
-    load_after = os.getloadavg()[0]
-    dense = times["dense MLP"]
+    arms = {name: partial(forward_backward, layer, x, grad) for name, layer in layers.items()}
+    load_before = load_average()
+    interleaved_rounds(arms, args.warmup, 1)
+    rounds = interleaved_rounds(arms, args.repeats, 1)
+    load_after = load_average()
+    times = {name: [r["wall"][name] for r in rounds] for name in layers}
     rows = [
         f"| {name} | {sum(p.numel() for p in layers[name].parameters()) / 1e6:.2f} "
         f"| {1e3 * statistics.median(values):.1f} "
-        f"| {statistics.median(t / d for t, d in zip(values, dense, strict=True)):.2f} |"
+        f"| {paired_ratio(values, times['dense MLP']).median:.2f} |"
         for name, values in times.items()
     ]
     command = "python scripts/benchmark_moe.py " + shlex.join(sys.argv[1:])
@@ -99,8 +96,8 @@ def main() -> None:
             f"{args.experts}x the dense MLP). The MoE timings include the router, the auxiliary "
             "load-balance loss and the load statistics.",
             "",
-            f"Machine: {args.machine}; 1-minute load average {load_before:.1f} before and "
-            f"{load_after:.1f} after the run (other jobs inflate the absolute times more than "
+            f"Machine: {args.machine or describe_machine()}; 1-minute load average "
+            f"{load_before:.1f} before and {load_after:.1f} after the run (other jobs inflate the absolute times more than "
             "the paired ratios).",
             "",
             f"Command: `{command}`",

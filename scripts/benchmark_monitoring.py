@@ -20,13 +20,10 @@ logging steps. Prints a markdown table with the command and the machine.
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import statistics
 import sys
 import tempfile
-import time
-from itertools import pairwise
 from pathlib import Path
 
 import lightning as L
@@ -34,21 +31,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from spannorm.bench.machine import describe_machine
+from spannorm.bench.stats import paired_ratio
+from spannorm.bench.timing import CLOCKS, StepClock
 from spannorm.data.prepare import build_datamodule
 from spannorm.runs import register_resolvers
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-CLOCKS = {"wall": time.perf_counter, "process CPU": time.process_time}
-
-
-class StepTimer(L.Callback):
-    """Each clock's reading at the end of every training step."""
-
-    def __init__(self):
-        self.readings: list[dict[str, float]] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.readings.append({clock: read() for clock, read in CLOCKS.items()})
+CLOCK_NAMES = {"wall": "wall", "cpu": "process CPU"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,7 +53,7 @@ def parse_args() -> argparse.Namespace:
         default=1,
         help="torch threads; 1 keeps a shared CPU from oversubscribing",
     )
-    parser.add_argument("--machine", default=f"{platform.processor() or platform.machine()} CPU")
+    parser.add_argument("--machine", default=None, help="described in the report (default: probed)")
     return parser.parse_args()
 
 
@@ -71,23 +61,22 @@ def step_times(cfg, datamodule, callbacks: list[L.Callback], args, log_dir: str)
     """Train a fresh model for warmup + steps steps; {clock: {"mean": s, "median": s}} of the
     timed steps."""
     L.seed_everything(cfg.seed, verbose=False)
-    timer = StepTimer()
+    clock = StepClock()
     trainer = instantiate(
         cfg.trainer,
         max_steps=args.warmup + args.steps,
         limit_val_batches=0,
         logger=L.pytorch.loggers.TensorBoardLogger(log_dir),
-        callbacks=[*callbacks, timer],
+        callbacks=[*callbacks, clock],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.fit(instantiate(cfg.model), datamodule=datamodule)
-    timed = timer.readings[args.warmup - 1 :]
     result = {}
-    for clock in CLOCKS:
-        durations = [after[clock] - before[clock] for before, after in pairwise(timed)]
-        result[clock] = {"mean": statistics.mean(durations), "median": statistics.median(durations)}
+    for name in CLOCKS:
+        durations, _ = clock.step_times(args.warmup, args.steps, name)
+        result[name] = {"mean": statistics.mean(durations), "median": statistics.median(durations)}
     return result
 
 
@@ -96,13 +85,13 @@ def report(times: dict[str, list[dict]], clock: str) -> str:
     cells = []
     for statistic in ("mean", "median"):
         off, on = ([run[clock][statistic] for run in times[arm]] for arm in ("off", "on"))
-        ratio = statistics.median(b / a for a, b in zip(off, on, strict=True))
+        ratio = paired_ratio(on, off).median
         cells += [
             f"{1e3 * statistics.median(off):.1f}",
             f"{1e3 * statistics.median(on):.1f}",
             f"{100 * (ratio - 1):+.2f}%",
         ]
-    return f"| {clock} | " + " | ".join(cells) + " |"
+    return f"| {CLOCK_NAMES[clock]} | " + " | ".join(cells) + " |"
 
 
 def main() -> None:
@@ -129,14 +118,15 @@ def main() -> None:
                     print(
                         f"repeat {repeat} monitoring {arm}: mean, median ms/step "
                         + "; ".join(
-                            f"{clock} {1e3 * t['mean']:.1f}, {1e3 * t['median']:.1f}"
+                            f"{CLOCK_NAMES[clock]} {1e3 * t['mean']:.1f}, {1e3 * t['median']:.1f}"
                             for clock, t in run.items()
                         ),
                         flush=True,
                     )
     model = cfg.model
     print(
-        f"\n`{shlex.join(['python', *sys.argv])}` on {args.machine}, torch {torch.__version__}, "
+        f"\n`{shlex.join(['python', *sys.argv])}` on {args.machine or describe_machine()}, "
+        f"torch {torch.__version__}, "
         f"{args.threads} thread(s); model d={model.d_model} L={model.n_layers} "
         f"heads={model.n_heads}, batch {cfg.data.batch_size} x seq {cfg.data.seq_len}, "
         f"{cfg.data.tokenizer} vocab {model.vocab_size}; monitors: {', '.join(monitors)}; "

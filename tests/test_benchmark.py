@@ -1,9 +1,11 @@
-"""The benchmark's bare loop trains exactly as Lightning does (else its ratio compares different
-work), and its interval for the median ratio."""
+"""The benchmarks' parts: the bare loop trains exactly as Lightning does (else its ratio compares
+different work), the paired-ratio statistics, the step timers, and the peak-RSS reader."""
 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -11,7 +13,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from spannorm.bench import BareLoop, median_interval
+from spannorm.bench.bare import BareLoop
+from spannorm.bench.memory import PeakRSSWatch, peak_rss_mib, run_logged
+from spannorm.bench.stats import Ratio, median_interval, paired_ratio
+from spannorm.bench.timing import StepClock, interleaved_rounds
 from spannorm.model.layers import rope_tables, rotate
 from spannorm.training.lm import LanguageModel
 
@@ -73,6 +78,61 @@ def test_median_interval():
     assert (low, high) == (2, 8) and confidence == pytest.approx(1 - 20 / 512)
     # n = 3: only the extremes, with confidence 1 - 2/8
     assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0, 0.75)
+
+
+def test_paired_ratio_is_the_median_of_the_rounds_ratios():
+    """By hand: the ratios per round are 2, 1.5, 1.25, 2, 0.9, so their median is 1.5 (the ratio
+    of the medians, 5 / 4 = 1.25, would be wrong); n = 5 reaches only the extremes, 0.9 and 2,
+    with confidence 1 - 2 / 2^5."""
+    ratio = paired_ratio([2, 3, 5, 8, 9], [1, 2, 4, 4, 10])
+    assert ratio == Ratio(median=1.5, low=0.9, high=2.0, confidence=1 - 2 / 32)
+    assert ratio.interval() == "0.900-2.000 (94%)"
+    with pytest.raises(ValueError):  # rounds that do not pair up
+        paired_ratio([1, 2, 3], [1, 2])
+
+
+def test_interleaved_rounds_start_one_arm_later_each_round():
+    order: list[str] = []
+    arms = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    rounds = interleaved_rounds(arms, rounds=3, steps=2)
+    assert "".join(order) == "aabbcc" + "bbccaa" + "ccaabb"
+    assert len(rounds) == 3 and all(set(r["wall"]) == set(r["cpu"]) == set("abc") for r in rounds)
+
+
+def test_step_clock_leaves_out_what_it_is_told_to():
+    """Steps end at 10, 20, 35, 45 s on the wall clock and start 1 s after the previous end; 4 s
+    of step 2 (from 25 s) were left out."""
+    wall = lambda t: {"wall": float(t), "cpu": 0.0}  # noqa: E731
+    clock = StepClock.from_state(
+        {
+            "starts": [wall(t) for t in (0, 11, 21, 36)],
+            "ends": [wall(t) for t in (10, 20, 35, 45)],
+            "left_out": [(wall(25), wall(29))],
+        }
+    )
+    periods, waits = clock.step_times(first=1, count=3)
+    assert periods == [10.0, 11.0, 10.0] and waits == [1.0, 1.0, 1.0]
+
+
+ALLOCATE = "import time; block = b'1' * ({mib} << 20); time.sleep(0.5)"
+
+
+def test_peak_rss_of_a_child_is_its_own_not_its_parents(tmp_path):
+    """A child that holds 64 MiB peaks at 64 MiB plus Python's own ~10, although its parent held
+    256 MiB when it started it (getrusage's ru_maxrss would report at least the parent's)."""
+    parent_block = b"1" * (256 << 20)
+    assert peak_rss_mib() > 256
+    command = [sys.executable, "-c", ALLOCATE.format(mib=64)]
+    peak = run_logged(command, tmp_path / "child.log", env={})
+    assert 64 < peak < 64 + 48, peak
+    del parent_block
+
+
+def test_peak_rss_watch_sees_the_processes_below():
+    with PeakRSSWatch(descendants=True, interval=0.05) as watch:
+        subprocess.run([sys.executable, "-c", ALLOCATE.format(mib=32)], check=True)
+    assert 32 < watch.largest_descendant_mib < 32 + 48
+    assert watch.root_mib == pytest.approx(peak_rss_mib(), rel=0.01)
 
 
 def load_benchmark_model():

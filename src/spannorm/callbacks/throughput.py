@@ -19,14 +19,13 @@ micro batch of the global batch counts); tflops and mfu are per device (the tota
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from spannorm.bench.memory import peak_rss_mib
 from spannorm.callbacks import log_scalars, sum_over_processes
 from spannorm.model.moe import MoE
 
@@ -81,11 +80,11 @@ def peak_flops(device: torch.device, configured: float | None) -> tuple[float, s
 
 
 def peak_memory_mib(device: torch.device) -> float:
-    """Peak allocated CUDA memory on GPU, else the process's peak resident set size, in MiB."""
+    """Peak allocated CUDA memory on GPU, else the process's peak resident set size, in MiB (read
+    as spannorm.bench.memory says why)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return max_rss / (2**20 if sys.platform == "darwin" else 2**10)
+    return peak_rss_mib()
 
 
 class ThroughputMonitor(L.Callback):
