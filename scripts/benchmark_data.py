@@ -21,14 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -90,60 +87,24 @@ def datamodule(corpus: Path, cache: Path, num_proc: int):
     )
 
 
-def peak_rss_mib() -> float:
-    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that across exec, so a child
-    would report its parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def descendants_peak_rss_mib(stop: threading.Event, peaks: dict[int, float]) -> None:
-    """Until `stop`: every 0.2 s, the peak RSS (VmHWM) of every process below this one (the
-    tokenizing workers are the forkserver's children, so not this process's to wait for)."""
-    me = os.getpid()
-    while not stop.wait(0.2):
-        parents = {}
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                parents[int(stat.parent.name)] = int(fields[1])
-            except (OSError, IndexError, ValueError):
-                continue
-        for pid in parents:
-            ancestor = parents.get(pid)
-            while ancestor not in (None, 0, 1, me):
-                ancestor = parents.get(ancestor)
-            if ancestor == me:
-                try:
-                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                        if line.startswith("VmHWM:"):
-                            peaks[pid] = max(peaks.get(pid, 0.0), int(line.split()[1]) / 1024)
-                except OSError:
-                    pass
-
-
 def mode_build(corpus: Path, cache: Path, num_proc: int) -> dict:
+    from spannorm.bench.memory import PeakRSSWatch
+
     module = datamodule(corpus, cache, num_proc)
-    peaks: dict[int, float] = {}
-    stop = threading.Event()
-    sampler = threading.Thread(target=descendants_peak_rss_mib, args=(stop, peaks), daemon=True)
-    sampler.start()
-    start = time.perf_counter()
-    module.prepare_data()
-    seconds = time.perf_counter() - start
-    stop.set()
-    sampler.join()
+    # the tokenizing workers are the forkserver's children, so not this process's to wait for
+    with PeakRSSWatch(descendants=True, interval=0.2) as watch:
+        start = time.perf_counter()
+        module.prepare_data()
+        seconds = time.perf_counter() - start
     text = sum((corpus / f"{s}.txt").stat().st_size for s in ("train", "validation"))
     cache_bytes = sum(p.stat().st_size for p in (cache / "cache").glob("tokens-*/*"))
     return {
         "seconds": seconds,
         "mb_per_s": text / MB / seconds,
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": watch.root_mib,
         # the largest process below this one: a tokenizing worker or their forkserver (none at
-        # num_proc=1), sampled every 0.2 s
-        "worker_peak_rss_mib": max(peaks.values(), default=0.0),
+        # num_proc=1)
+        "worker_peak_rss_mib": watch.largest_descendant_mib,
         "cache_mb": cache_bytes / MB,
     }
 
@@ -182,7 +143,7 @@ def mode_steps(corpus: Path, cache: Path, steps: int) -> dict:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from spannorm.bench import BareLoop, bare_steps, endless
+    from spannorm.bench.bare import BareLoop, bare_steps, endless
     from spannorm.runs import register_resolvers
 
     register_resolvers()  # ${tokenizer_vocab:...} and the others of conf/
@@ -243,8 +204,10 @@ def main() -> None:
 
         sample = write_corpus(work / "sample.txt", 8 * 10**6, seed=1)
         BPETokenizer.train([sample.read_text()], vocab_size=8192).save(tokenizer_file)
+    from spannorm.bench.machine import describe_machine
+
     results = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": describe_machine(),
         "load_before": os.getloadavg(),
         "sizes": {},
     }
