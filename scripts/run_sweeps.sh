@@ -9,7 +9,7 @@
 #                                   # study=placement_grid; docs/studies.md), then its report
 #   scripts/run_sweeps.sh report    # python study.py study=placement_grid report
 #
-# The earlier (60-step warm-up) sweep of docs/results.md, kept as the multiruns it was run as:
+# The placement sweep of docs/results.md (60 warm-up steps), as the multiruns it ran as:
 #   scripts/run_sweeps.sh depth     # 8 placements + SpanNorm with attn_in_sum, seeds 1 and 2
 #   scripts/run_sweeps.sh lr        # prenorm, postnorm, spannorm at lr 1e-2, 3e-3, 3e-4
 #                                   # (lr 1e-3 is the depth sweep), and seed 2 of prenorm
@@ -56,7 +56,7 @@ alpha() {  # SpanNorm at other skip scales, into $SWEEPS/alpha/LR (seed 1) and 1
     multirun alpha/1e-3_seed2 placement_sweep 2 spannorm model.alpha=1
 }
 
-study() {  # the lr x warm-up grid and depth runs are a study now (conf/study/placement_grid.yaml)
+study() {  # the lr x warm-up grid and depth runs: the study conf/study/placement_grid.yaml
   "$PY" study.py study=placement_grid "$@"
 }
 

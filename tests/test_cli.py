@@ -105,7 +105,7 @@ def test_train_logs_scalars_learns_and_reports(short_run):
 def test_eval_rebuilds_the_run_and_matches_logged_val_loss(short_run, tmp_path):
     run_dir, _ = short_run
     logged = read_scalars(run_dir)["val/loss"][-1][1]
-    # today's defaults differ from the run's (n_layers=4 vs 2): eval must use the saved config
+    # conf/'s defaults differ from the run's (n_layers=4 vs 2): eval must use the saved config
     result = run_entry(
         "eval.py", f"ckpt_path={run_dir}", "progress=false", f"hydra.run.dir={tmp_path}"
     )
@@ -236,7 +236,8 @@ class ThreadsDuringTraining(L.Callback):
 
 
 def test_on_cpu_the_bar_draws_between_steps_in_the_training_thread(tmp_path, monkeypatch):
-    """No drawing thread competes with the step's OpenMP workers for the cores (issue 18)."""
+    """No drawing thread competes with the step's OpenMP workers for the cores (a thread that
+    takes a core stalls every worker at the next barrier: docs/performance.md)."""
     from rich.live import Live
 
     draws = []

@@ -301,7 +301,7 @@ def test_lr_and_grad_norm_are_written_at_every_logging_step(every):
 
 def test_on_cpu_the_layer_profile_is_drawn_in_the_training_thread(tmp_path, monkeypatch):
     """No drawing thread competes with the step's OpenMP workers for the cores and the GIL
-    (issue 18): every image is drawn by the training thread, and each is written."""
+    (docs/performance.md): every image is drawn by the training thread, and each is written."""
     import threading
 
     from lightning.pytorch.loggers import TensorBoardLogger

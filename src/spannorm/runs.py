@@ -13,8 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 # One id per process: with `now`, it keeps two runs (or sweeps) started in the same second apart.
 RUN_ID = f"{os.getpid()}-{secrets.token_hex(2)}"
 
-# `_target_` paths a saved run may name that now live elsewhere: a run's config is read through
-# `run_config_of`, which rewrites them, so runs saved before the move still evaluate and export.
+# `_target_` paths of the package's flat layout, which runs saved with it name, and where those
+# objects live: a run's config is read through `run_config_of`, which rewrites them, so such runs
+# still resume, evaluate and export.
 MOVED_TARGETS = {
     "spannorm.lm.LanguageModel": "spannorm.training.lm.LanguageModel",
     "spannorm.checkpointing.LastCheckpoint": "spannorm.training.checkpointing.LastCheckpoint",
@@ -70,8 +71,8 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 
 def run_config_of(checkpoint: Path) -> DictConfig:
-    """The config saved by Hydra with the run that wrote `checkpoint`, its moved `_target_`
-    paths rewritten to where they live now."""
+    """The config saved by Hydra with the run that wrote `checkpoint`, its `_target_` paths of
+    the flat layout rewritten (MOVED_TARGETS)."""
     saved = OmegaConf.load(run_dir_of(checkpoint) / ".hydra" / "config.yaml")
     return OmegaConf.create(with_moved_targets(OmegaConf.to_container(saved, resolve=False)))
 

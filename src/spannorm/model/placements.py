@@ -91,7 +91,7 @@ class Block(nn.Module):
 
 def _rename_listed_norms(block: Block, state_dict: dict, prefix: str, *args) -> None:
     """Load checkpoints from before the slots had names: they held a block's norms in a list
-    `norms`, in the order the block now registers its (non-Identity) slots, and SpanNorm's N0
+    `norms`, in the order the block registers its (non-Identity) slots, and SpanNorm's N0
     also as `input_norm`."""
     slots = [name for name, module in block.named_children() if is_norm(module)]
     renames = {"input_norm.": "norm0.", **{f"norms.{i}.": f"{s}." for i, s in enumerate(slots)}}

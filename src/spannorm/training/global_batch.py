@@ -7,7 +7,7 @@ A = G / (b x W) micro batches. `trainer.val_check_interval`, which Lightning cou
 batches, is scaled by A so that it keeps counting optimizer steps, like `trainer.max_steps`,
 `trainer.log_every_n_steps`, the learning-rate schedule and the monitors. With the training order
 of `spannorm.data.sampling.EpochShuffle`, every (b, W, A) with the same G sees the same batches.
-Null keeps the old meaning: a global batch of b x W and no accumulation unless
+Null (the default): a global batch of b x W, and no accumulation unless
 `trainer.accumulate_grad_batches` says so.
 """
 
