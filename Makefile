@@ -20,11 +20,13 @@ install: $(STAMP)
 train: install  ## train the default model on the embedded Shakespeare corpus (CPU, offline after first build)
 	$(PY) train.py $(ARGS)
 
-test: install  ## the test suite (what CI runs)
+test: lint  ## lint, then the test suite (what CI runs)
 	$(PY) -m pytest -q $(ARGS)
 
+# every Python file git does not ignore (ruff finds them: the entry scripts, src, scripts, tests
+# and any other), so a new file cannot slip past it; under a second, so `make test` runs it first
 lint: install
-	$(PY) -m ruff check src tests scripts train.py eval.py generate.py
+	$(PY) -m ruff check .
 
 clean-outputs:
 	rm -rf outputs
