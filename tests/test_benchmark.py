@@ -8,12 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from spannorm.bench.bare import BareLoop
+from spannorm.bench.bare import BareLoop, quiet_trainer
 from spannorm.bench.memory import PeakRSSWatch, peak_rss_mib, run_logged
 from spannorm.bench.stats import Ratio, median_interval, paired_ratio
 from spannorm.bench.timing import StepClock, interleaved_rounds
@@ -42,15 +41,7 @@ def test_bare_loop_matches_the_lightning_trainer(clip):
     bare = LanguageModel(optim=OPTIM, **MODEL)
     bare.load_state_dict(trained.state_dict())
     initial = next(trained.parameters()).detach().clone()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        gradient_clip_val=clip,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_steps=steps, gradient_clip_val=clip)
     trainer.fit(trained, DataLoader(data, batch_size=None))
     loop = BareLoop(bare, steps, clip)
     for batch in data:

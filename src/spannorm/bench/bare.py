@@ -35,6 +35,19 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
 
+def quiet_trainer(**options) -> L.Trainer:
+    """A CPU Trainer that writes nothing (no logger, no checkpoints) and prints no bar or model
+    summary; `options` add to or override these."""
+    quiet = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**{**quiet, **options})
+
+
 class BareLoop:
     """One optimizer step of `lm` per call, without Lightning: loss (+ the MoE auxiliary loss),
     backward, gradient-norm clipping at `clip` (none if falsy), AdamW step, schedule step.
@@ -45,14 +58,7 @@ class BareLoop:
         self, lm: L.LightningModule, max_steps: int, clip: float | None, fit_setup: bool = True
     ) -> None:
         # both hooks read the trainer (the device, the step count), so lend it one briefly
-        lm.trainer = L.Trainer(
-            accelerator="cpu",
-            max_steps=max_steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        lm.trainer = quiet_trainer(max_steps=max_steps)
         if fit_setup:
             keep_freed_memory()
         configured = lm.configure_optimizers()
