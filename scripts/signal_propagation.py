@@ -23,13 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from spannorm import TransformerConfig, TransformerLM
 from spannorm.analysis import measure_signal, summarize_signal
+from spannorm.analysis.signal import METRICS
 from spannorm.cli import friendly_errors, launch
 from spannorm.console import console
 from spannorm.data.prepare import build_datamodule
 
-METRICS = {  # CSV column -> (figure title, log y)
+FIGURES = {  # measure_signal's metric (a CSV column) -> (figure title, log y)
     "rms": ("stream RMS  sqrt(mean(x_l^2))", False),
-    "grad_norm": ("gradient norm  ||dLoss/dx_l||", True),
+    "stream_grad_norm": ("gradient norm  ||dLoss/dx_l||", True),
     "cos": ("cos(x_{l-1}, x_l), mean over tokens", False),
 }
 
@@ -108,7 +109,7 @@ def write_summary(cfg: DictConfig, results: dict, idx: torch.Tensor, path: Path)
 
 
 def plot_metric(cfg: DictConfig, results: dict, metric: str, path: Path) -> None:
-    title, log_y = METRICS[metric]
+    title, log_y = FIGURES[metric]
     depths = list(cfg.depths)
     fig = Figure(figsize=(4.5 * len(depths) + 1.5, 4), layout="constrained")
     axes = fig.subplots(1, len(depths), squeeze=False)

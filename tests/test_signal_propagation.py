@@ -18,11 +18,21 @@ import torch.nn.functional as F
 
 from spannorm import TransformerLM
 from spannorm.analysis import measure_signal, summarize_signal
+from spannorm.analysis.signal import METRICS
+from spannorm.tags import LAYER_METRICS
 
 from helpers import tiny_model
 
 D_MODEL, N_HEADS, VOCAB = 64, 4, 257
 DEPTHS = (12, 48, 96)
+
+
+def spec_contradicted(measured: str) -> pytest.MarkDecorator:
+    """A claim of the spec that the measurements contradict: kept as written, as a strict xfail
+    (it fails the suite if it starts to hold) whose reason gives the measured values."""
+    return pytest.mark.xfail(
+        strict=True, raises=AssertionError, reason=f"spec claim contradicted at init: {measured}"
+    )
 
 
 def build(norm: str, n_layers: int, **options) -> TransformerLM:
@@ -66,14 +76,19 @@ def test_measure_signal_matches_a_direct_computation():
     outputs = streams[1:]
     expected = {
         "rms": [x.pow(2).mean().sqrt().item() for x in outputs],
-        "grad_norm": [x.grad.norm().item() for x in outputs],
+        "stream_grad_norm": [x.grad.norm().item() for x in outputs],
         "cos": [
             F.cosine_similarity(a, b, dim=-1).mean().item()
             for a, b in zip(streams, outputs, strict=False)
         ],
     }
+    assert set(measured) == set(expected) == set(METRICS)
     for key, values in expected.items():
         assert measured[key] == pytest.approx(values, rel=1e-4), key
+
+
+def test_the_metrics_are_named_as_the_monitors_name_them():
+    assert set(METRICS) <= set(LAYER_METRICS)
 
 
 def test_prenorm_stream_rms_grows_with_depth():
@@ -107,11 +122,7 @@ def test_gradient_ratio_stays_bounded_as_depth_grows(norm, options):
     assert max(ratios) / min(ratios) < 1.25, ratios
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="spec claim contradicted at init: PostNorm's ratio grows (1.9, 20, 98 at L=12, 48, 96)",
-)
+@spec_contradicted("PostNorm's ratio grows (1.9, 20, 98 at L=12, 48, 96)")
 def test_postnorm_gradient_ratio_shrinks_sharply_with_depth():
     ratios = [ratio("postnorm", depth) for depth in DEPTHS]
     assert ratios == sorted(ratios, reverse=True) and ratios[-1] < 0.1, ratios
@@ -129,11 +140,8 @@ def test_gradient_ratio_departs_from_one_exponentially_with_depth(norm, options)
     assert log_ratios[1] > 2 * log_ratios[0] > 0 and log_ratios[2] > 3, log_ratios
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="spec claim contradicted at init: with alpha=1 the ratio grows (2.3, 34, 976 at "
-    "L=12, 48, 96), faster than PostNorm's",
+@spec_contradicted(
+    "with alpha=1 the ratio grows (2.3, 34, 976 at L=12, 48, 96), faster than PostNorm's"
 )
 def test_spannorm_alpha_one_gradient_ratio_decays_more_slowly_than_postnorm():
     ratios = [ratio("spannorm", depth, alpha=1) for depth in DEPTHS]
@@ -146,11 +154,9 @@ def test_prenorm_consecutive_block_outputs_align_with_depth():
     assert cosines == sorted(cosines) and cosines[-1] > 0.99, cosines
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="spec claim contradicted at init: alpha=sqrt(2L) makes each block turn the stream "
-    "by ~s/alpha, so SpanNorm's deep-block cosine (0.997-0.9996) exceeds PreNorm's (0.95-0.994)",
+@spec_contradicted(
+    "alpha=sqrt(2L) makes each block turn the stream by ~s/alpha, so SpanNorm's deep-block "
+    "cosine (0.997-0.9996) exceeds PreNorm's (0.95-0.994)"
 )
 def test_spannorm_keeps_deep_block_cosine_below_prenorm():
     for depth in DEPTHS:

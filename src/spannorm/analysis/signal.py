@@ -1,11 +1,14 @@
 """Signal propagation through the block stack: one forward/backward, measured per block.
 
 For the stream x_l leaving block l (x_{-1} = the scaled token embedding entering block 0):
-- `rms[l]`       = sqrt(mean(x_l^2)), the stream's scale;
-- `grad_norm[l]` = ||dLoss/dx_l||_F, the gradient reaching block l's output,
+- `rms[l]`              = sqrt(mean(x_l^2)), the stream's scale;
+- `stream_grad_norm[l]` = ||dLoss/dx_l||_F, the gradient reaching block l's output,
   with Loss = mean next-token cross-entropy;
-- `cos[l]`       = mean over tokens of cos(x_{l-1}, x_l), how much block l turns the stream
-  (near 1 = the block barely changes the representation).
+- `cos[l]`              = mean over tokens of cos(x_{l-1}, x_l), how much block l turns the
+  stream (near 1 = the block barely changes the representation).
+They are the definitions, and the names, of the monitors' per-block scalars of the same names
+(`spannorm.tags.LAYER_METRICS`), so a measurement at init and a training run's
+`layers/<metric>/block_NN` read alike.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+METRICS = ("rms", "stream_grad_norm", "cos")  # what `measure_signal` returns per block
 
 
 def next_token_loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -22,7 +27,7 @@ def next_token_loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def measure_signal(model: nn.Module, idx: torch.Tensor) -> dict[str, list[float]]:
     """Run `model` (a TransformerLM) on token ids `idx` [B, T] once forward and backward and
-    return per-block lists `rms`, `grad_norm` and `cos` (see the module docstring).
+    return per-block lists `rms`, `stream_grad_norm` and `cos` (see the module docstring).
 
     Parameter gradients are left untouched: the backward pass asks only for the gradients of
     the block outputs.
@@ -45,7 +50,7 @@ def measure_signal(model: nn.Module, idx: torch.Tensor) -> dict[str, list[float]
     with torch.no_grad():
         return {
             "rms": [out.pow(2).mean().sqrt().item() for out in outputs],
-            "grad_norm": [grad.norm().item() for grad in grads],
+            "stream_grad_norm": [grad.norm().item() for grad in grads],
             "cos": [
                 F.cosine_similarity(x_in, out, dim=-1).mean().item()
                 for x_in, out in zip(inputs, outputs, strict=True)
@@ -55,7 +60,8 @@ def measure_signal(model: nn.Module, idx: torch.Tensor) -> dict[str, list[float]
 
 def summarize_signal(measured: dict[str, list[float]]) -> dict[str, float]:
     """One row of the summary table from `measure_signal`'s lists:
-    `rms_first`, `rms_last` (blocks 0 and L-1), `grad_ratio` = grad_norm[0] / grad_norm[L-1]
+    `rms_first`, `rms_last` (blocks 0 and L-1), `grad_ratio` =
+    stream_grad_norm[0] / stream_grad_norm[L-1]
     (> 1: the gradient grows toward the bottom) and `cos_last_quarter`, the mean `cos` over the
     last L // 4 blocks (at least one)."""
     cos = measured["cos"]
@@ -63,6 +69,6 @@ def summarize_signal(measured: dict[str, list[float]]) -> dict[str, float]:
     return {
         "rms_first": measured["rms"][0],
         "rms_last": measured["rms"][-1],
-        "grad_ratio": measured["grad_norm"][0] / measured["grad_norm"][-1],
+        "grad_ratio": measured["stream_grad_norm"][0] / measured["stream_grad_norm"][-1],
         "cos_last_quarter": sum(last_quarter) / len(last_quarter),
     }
