@@ -116,14 +116,6 @@ def tiny_lm(vocab_size: int, **options):
 def tiny_trainer(tmp_path: Path, callbacks: list, **options):
     """A CPU Lightning Trainer in `tmp_path` without a logger, checkpoints, model summary or
     progress bar (unless `options` say otherwise)."""
-    import lightning as L
+    from spannorm.bench.bare import quiet_trainer
 
-    settings = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-    )
-    return L.Trainer(callbacks=callbacks, **{**settings, **options})
+    return quiet_trainer(**{"default_root_dir": tmp_path, "callbacks": callbacks, **options})
