@@ -1,6 +1,6 @@
 """The study report (spannorm.studies.report) on summaries written by the test: best cell, band,
 plateau escapes, depth table, pairs by seed; and the placement grid's committed summaries, which
-must give today's best cells, means and counts."""
+must give the best cells, means and counts of the committed grid tables."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
 from spannorm.studies.report import (
     Report,
@@ -21,6 +20,8 @@ from spannorm.studies.report import (
 from spannorm.studies.results import load_summaries
 from spannorm.studies.runner import load_study
 from spannorm.studies.stats import average_ranks as ranks
+
+from conftest import REPO
 
 STUDY = """
 experiment: placement_sweep
