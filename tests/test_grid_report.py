@@ -21,7 +21,7 @@ from spannorm.studies.results import load_summaries
 from spannorm.studies.runner import load_study
 from spannorm.studies.stats import average_ranks as ranks
 
-from conftest import REPO
+from helpers import REPO
 
 STUDY = """
 experiment: placement_sweep
