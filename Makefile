@@ -24,9 +24,11 @@ test: lint  ## lint, then the test suite (what CI runs)
 	$(PY) -m pytest -q $(ARGS)
 
 # every Python file git does not ignore (ruff finds them: the entry scripts, src, scripts, tests
-# and any other), so a new file cannot slip past it; under a second, so `make test` runs it first
+# and any other), so a new file cannot slip past it; under a second, so `make test` runs it first.
+# `ruff format .` fixes what the format check finds.
 lint: install
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean-outputs:
 	rm -rf outputs
