@@ -9,6 +9,7 @@ import math
 from types import SimpleNamespace
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from torch.nn.utils import get_total_norm
 
 from spannorm.analysis.scalars import read_scalars
 from spannorm.callbacks.divergence import DivergenceGuard
-from spannorm.callbacks.layer_stats import LayerStatsMonitor
+from spannorm.callbacks.layer_stats import LayerStatsMonitor, effective_rank
 from spannorm.callbacks.throughput import flops_per_token
 from spannorm.cli import friendly_errors
 from spannorm.cli.train import train
@@ -106,12 +107,27 @@ def test_layer_stats_equal_a_direct_computation():
             "update_ratio": get_total_norm([a - b for a, b in zip(after, before, strict=True)])
             / get_total_norm(before),
         }
+        singular = [np.linalg.svd(seq.detach().numpy(), compute_uv=False) for seq in out]
+        p = [s / s.sum() for s in singular]
+        expected["erank"] = torch.tensor(np.mean([np.exp(-(q * np.log(q)).sum()) for q in p]))
         for metric, value in expected.items():
             logged = logger.metrics[f"layers/{metric}/block_{index:02d}"]
             assert logged == pytest.approx(value.item(), rel=1e-4), metric
     uniform = sum(math.log(i + 1) for i in range(8)) / 8
     assert logger.metrics["layers/attn_entropy/block_01"] == pytest.approx(uniform, rel=1e-5)
     assert logger.metrics["layers/attn_entropy/block_00"] < uniform
+
+
+def test_effective_rank_counts_the_directions_the_tokens_span():
+    torch.manual_seed(0)
+    line = torch.randn(8, 1) * torch.randn(1, 6)  # every token a multiple of one vector
+    square = torch.linalg.qr(torch.randn(6, 6)).Q  # six orthonormal tokens
+    two = torch.zeros(8, 6)
+    two[:4, 0], two[4:, 1] = 1.0, 1.0  # two equally strong directions
+    ranks = [effective_rank(x).item() for x in (line, square, two)]
+    assert ranks == pytest.approx([1.0, 6.0, 2.0], rel=1e-4)
+    stacked = effective_rank(torch.stack([square, square]))  # one value per matrix
+    assert stacked.tolist() == pytest.approx([6.0, 6.0], rel=1e-4)
 
 
 @pytest.mark.parametrize("ffn", ["dense", "moe"])
@@ -160,6 +176,7 @@ def test_cli_run_logs_every_namespace_an_image_and_hparams(monitored_run):
         "update_ratio",
         "cos",
         "attn_entropy",
+        "erank",
     ):
         assert [step for step, _ in scalars[f"layers/{metric}/block_01"]] == [0, 5, 10, 15]
     for metric in ("tokens_per_sec", "step_time_ms", "tflops", "mfu", "peak_memory_mib"):

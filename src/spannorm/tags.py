@@ -19,6 +19,7 @@ LAYER_METRICS = (
     "update_ratio",
     "cos",
     "attn_entropy",
+    "erank",
 )
 # the four that compare runs' per-block profiles best (the reports' profile figures)
 PROFILE_METRICS = ("rms", "stream_grad_norm", "update_ratio", "cos")

@@ -14,6 +14,10 @@ whole batch would measure it:
                           p_h = causal softmax(q_h k_h^T / sqrt(hd)) after RoPE, on the first
                           `entropy_sequences` sequences of the global batch (at most the first
                           micro batch of each process; query i can reach at most log(i+1))
+    erank[l]            = exp(-sum_i s_i log s_i), s = the singular values of one sequence's    how many
+                          [T, D] block outputs, divided by their sum (Roy & Vetterli's effective    directions
+                          rank), averaged over the same sequences as attn_entropy: 1 = every     the tokens
+                          token on one line (representation collapse), at most min(T, D)          span
 rms, stream_grad_norm and cos are `spannorm.analysis.signal`'s definitions, measured during training.
 Hooks are attached only for a logging step and removed after it, so other steps run the bare model;
 a compiled model runs that step eagerly (the hooks would not run in code compiled without them).
@@ -48,7 +52,16 @@ from spannorm.tags import LAYER_METRICS, block_tag
 # panel order in the image is LAYER_METRICS; the first four span orders of magnitude, drawn as log10
 LOG10_PANELS = {"rms", "stream_grad_norm", "param_grad_norm", "update_ratio"}
 # what the hooks add up per block over a logging step's micro batches, then over the processes
-SUMS = ("squares", "elements", "cos", "tokens", "grad_squares", "entropy", "sequences")
+SUMS = ("squares", "elements", "cos", "tokens", "grad_squares", "entropy", "sequences", "erank")
+
+
+def effective_rank(x: torch.Tensor) -> torch.Tensor:
+    """Roy & Vetterli's effective rank of each [T, D] matrix of x [..., T, D]: the exponential of
+    the entropy of its singular values normalized to sum to one. The tokens are not centred, so a
+    direction shared by every token counts as one of the directions they span."""
+    singular = torch.linalg.svdvals(x.float())
+    p = singular / singular.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.special.entr(p).sum(dim=-1).exp()
 
 
 def attention_entropy(attn: CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
@@ -78,20 +91,21 @@ class LayerProfilePlot:
     metrics on linear axes (log axes draw slower tick labels)."""
 
     def __init__(self, n_blocks: int):
-        self.figure = Figure(figsize=(9, 4.4), dpi=72)
+        self.figure = Figure(figsize=(11, 4.4), dpi=72)
         self.figure.subplots_adjust(
             left=0.06, right=0.99, bottom=0.1, top=0.87, wspace=0.28, hspace=0.4
         )
         self.lines = {}
-        for axes, metric in zip(
-            self.figure.subplots(2, 3, sharex=True).flat, LAYER_METRICS, strict=True
-        ):
+        panels = list(self.figure.subplots(2, 4, sharex=True).flat)
+        for axes in panels[len(LAYER_METRICS) :]:
+            axes.remove()
+        for axes, metric in zip(panels, LAYER_METRICS, strict=False):
             (self.lines[metric],) = axes.plot(range(n_blocks), [0.0] * n_blocks, marker=".", lw=1)
             axes.set_title(f"log10 {metric}" if metric in LOG10_PANELS else metric, fontsize=9)
             axes.tick_params(labelsize=7)
             axes.xaxis.set_major_locator(MaxNLocator(4, integer=True))
             axes.yaxis.set_major_locator(MaxNLocator(4))
-        for axes in self.figure.axes[3:]:
+        for axes in self.figure.axes[4:]:
             axes.set_xlabel("block", fontsize=8)
         self.title = self.figure.suptitle("", fontsize=9)
 
@@ -179,19 +193,29 @@ class LayerStatsMonitor(L.Callback):
                 cos=cos.sum(),
                 tokens=cos.numel(),
             )
+        sequences = self._sequences_measured(stream.shape[0])
+        if sequences:
+            self._add(index, erank=effective_rank(stream[:sequences]).sum())
         if output.requires_grad:
             output.register_hook(partial(self._record_stream_grad, index))
 
     def _record_stream_grad(self, index: int, grad: torch.Tensor) -> None:
         self._add(index, grad_squares=grad.detach().float().pow(2).sum())
 
+    def _sequences_measured(self, batch_size: int) -> int:
+        """How many of this micro batch's first sequences the per-sequence metrics (attention
+        entropy, effective rank) measure: this process's share of the global batch's first
+        `entropy_sequences`, in the first micro batch only. With the interleaved order of
+        spannorm.data.sampling, sequence j of the global batch is sequence j // W of process j % W."""
+        if self._micro_batch:
+            return 0
+        wanted = -(-(self.entropy_sequences - self._rank) // self._world_size)
+        return min(max(wanted, 0), batch_size)
+
     def _record_attention(self, index: int, attn, args, output) -> None:
         if self._micro_batch or not self._first_call(("attn", index)):
             return
-        # the global batch's first sequences: with the interleaved order of
-        # spannorm.data.sampling, sequence j of it is sequence j // W of process j % W
-        wanted = -(-(self.entropy_sequences - self._rank) // self._world_size)
-        sequences = min(max(wanted, 0), args[0].shape[0])
+        sequences = self._sequences_measured(args[0].shape[0])
         if sequences:
             with torch.no_grad():
                 entropy = attention_entropy(attn, args[0][:sequences])
@@ -242,6 +266,7 @@ class LayerStatsMonitor(L.Callback):
                 torch.stack(update_ratio).to(stream_grad_norm),
                 sums["cos"] / sums["tokens"],
                 sums["entropy"] / sums["sequences"],
+                sums["erank"] / sums["sequences"],
             ]
         ).tolist()
         values = dict(zip(LAYER_METRICS, table, strict=True))
