@@ -121,7 +121,7 @@ class StudyLog:
 
     def __call__(self, message: str) -> None:
         stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-        console.print(f"[{stamp}] {message}", highlight=False, markup=False)
+        console.print(f"[{stamp}] {message}", highlight=False, markup=False, soft_wrap=True)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(f"[{stamp}] {message}\n")
 
@@ -297,14 +297,23 @@ def status(study: Study) -> dict[str, int]:
     phases = plan(study, Results(study, load_summaries(study.summaries)))
     counts = {"done": 0, "running": 0, "stopped": 0, "queued": 0, "waiting": 0}
     per_cost = []  # seconds per unit of job_cost, of each finished job
-    console.print(f"study {study.name} ({study.path}): runs in {runs_dir(study)}", highlight=False)
+    console.print(
+        f"study {study.name} ({study.path}): runs in {runs_dir(study)}",
+        highlight=False,
+        soft_wrap=True,
+    )
     left = 0.0
     for phase in phases:
-        console.print(f"\nstage {phase.stage} ({phase.phase})", highlight=False)
+        console.print(f"\nstage {phase.stage} ({phase.phase})", highlight=False, soft_wrap=True)
         for job in phase.jobs:
             state = job_state(study, job, now)
             counts[state] += 1
-            console.print(f"  {state:8} {job.name}  [{job.role}]", highlight=False, markup=False)
+            console.print(
+                f"  {state:8} {job.name}  [{job.role}]",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
             if state == "done":
                 seconds = estimate_seconds(_summary(study, job))
                 if seconds == seconds:  # not NaN
@@ -325,7 +334,7 @@ def status(study: Study) -> dict[str, int]:
             f"; time left at the current rate (the finished runs' median throughput, one job "
             f"at a time): {took}"
         )
-    console.print(f"\n{line}", highlight=False)
+    console.print(f"\n{line}", highlight=False, soft_wrap=True)
     return counts
 
 
