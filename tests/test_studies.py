@@ -232,7 +232,7 @@ def test_the_same_jobs_through_submitit_local_give_the_same_summaries(toy, tiny_
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "Submitit 'local' sweep output dir" in run.stdout
-    assert "stage tune (cells): 2 jobs to run (8 of " in run.stdout
+    assert "stage tune (cells): 2 jobs to run (" in run.stdout
     before, after = summaries(directory / "summaries"), summaries(copy / "summaries")
     assert set(after) == set(before)
     for name in again:
@@ -296,3 +296,33 @@ def test_a_bad_study_fails_in_one_line_before_any_job(
     assert status == 2
     assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], errors
     assert not directory.exists()  # nothing started
+
+
+@pytest.mark.slow
+def test_a_diverged_run_writes_its_summary_too(tiny_corpus, tmp_path):
+    """The divergence guard stops the run at step 7 (exit 3); its summary says so, so that a
+    study counts it as a result (a NaN cell) instead of running it again."""
+    run_dir = tmp_path / "run"
+    env = {
+        **environment(),
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            *toy_overrides(tiny_corpus),
+            "+callbacks.poison._target_=test_monitoring.PoisonLogits",
+            "+callbacks.poison.step=7",
+            f"hydra.run.dir={run_dir}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 3, result.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["diverged_at"] == 7 and summary["complete"]
+    assert summary["final_val_loss"] is not None  # the validation at step 5, before it diverged
+    assert [step for step, _ in summary["train_loss"]][:2] == [2, 5]

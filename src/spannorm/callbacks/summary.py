@@ -7,7 +7,7 @@ Written on rank 0 when training reaches its `max_steps`, and when the divergence
 run (a diverged run is a result: `diverged_at` says where). A run stopped by a signal writes none,
 so that a study continues it (`resume=auto`) instead of counting it as done. The curves are read
 back from the run's TensorBoard events (the default logger), so a resumed run's summary holds
-every start's points.
+every start's points; without them (`logger=null`) it holds the last validation loss only.
 """
 
 from __future__ import annotations
@@ -154,4 +154,9 @@ class RunSummary(L.Callback):
             return  # not started by a Hydra entry point: no saved config to summarize
         baseline = getattr(trainer.datamodule, "unigram_baseline", None)
         value = float(baseline()) if callable(baseline) else math.nan
-        write_summary(summarize(run_dir, value, self.margin), run_dir / self.filename)
+        summary = summarize(run_dir, value, self.margin)
+        if math.isnan(summary["final_val_loss"]) and "val/loss" in trainer.callback_metrics:
+            # no TensorBoard events (logger=null or csv): the last validation still counts; the
+            # curves stay empty
+            summary["final_val_loss"] = float(trainer.callback_metrics["val/loss"])
+        write_summary(summary, run_dir / self.filename)
