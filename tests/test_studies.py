@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 import scipy.stats
 import yaml
-from conftest import REPO, tiny_overrides
 
 from spannorm.analysis.compare import mean_spread
 from spannorm.studies.stats import bootstrap_interval, paired_summary, wilcoxon
+
+from helpers import REPO, tiny_overrides
 
 TOY = """
 name: toy
