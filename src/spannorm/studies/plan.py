@@ -147,7 +147,7 @@ def stage_phases(study: Study, stage: Stage, results: Results) -> list[Phase]:
                 )
                 if not seeds:
                     continue
-                best = results.best_cell(leader, setting)
+                best = results.best_cell(leader, setting, seeds=stage.seeds)
                 if best is None:
                     best_phase.waiting += len(seeds)
                     continue

@@ -132,12 +132,22 @@ class Results:
         values = self.losses(runs)
         return statistics.mean(values) if values else math.nan
 
-    def best_cell(self, variant: str, setting: Key) -> Key | None:
+    def best_cell(self, variant: str, setting: Key, seeds: list[int] | None = None) -> Key | None:
         """The cell of `variant` at `setting` with the lowest mean among those with at least
-        `min_seeds` finished runs (any number if no cell has that many yet); ties: grid order."""
+        `min_seeds` finished runs (any number if no cell has that many yet); ties: grid order.
+        With `seeds`, only those seeds' runs count (and `min_seeds` is at most their number):
+        where a grid stage puts its extra seeds is decided by the seeds every cell has."""
         cells = self.cells(variant, setting)
+        need_seeds = self.study.min_seeds
+        if seeds is not None:
+            chosen = set(seeds)
+            cells = {
+                c: [r for r in runs if r["settings"].get("seed") in chosen]
+                for c, runs in cells.items()
+            }
+            need_seeds = min(need_seeds, len(chosen))
         order = {cell: i for i, cell in enumerate(grid_cells(self.study))}
-        for need in (self.study.min_seeds, 1):
+        for need in (need_seeds, 1):
             scored = [
                 (self.mean(runs), order.get(cell, len(order)), cell)
                 for cell, runs in cells.items()
