@@ -182,7 +182,7 @@ def test_status_and_report_numbers_are_recomputed_from_the_summaries(toy, tiny_c
         }
         # the grid table: mean ± sample std (runs) per lr
         row = " | ".join(f"{mean_spread(cells[lr])} (2)" for lr in ("3e-3", "1e-2"))
-        assert f"| – | {row} |" in text
+        assert f"| {variant} | {row} |" in text
         best = best_lr(found, variant)
         band = sorted(
             (

@@ -175,8 +175,9 @@ class Report:
         loss_rows, escape_rows = [], []
         for row in rows:
             runs_at = [cells.get(self.cell_at(column, v, row, keys), []) for v in columns]
-            loss_rows.append([self.row_label(row), *(self.loss_text(r) for r in runs_at)])
-            escape_rows.append([self.row_label(row), *(self.escape_text(r) for r in runs_at)])
+            name = self.row_label(row) if row else variant  # a one-key grid: one row
+            loss_rows.append([name, *(self.loss_text(r) for r in runs_at)])
+            escape_rows.append([name, *(self.escape_text(r) for r in runs_at)])
         header = [f"{self.row_header()} \\ {label(column)}", *map(value_text, columns)]
         return markdown_table(header, loss_rows), markdown_table(header, escape_rows)
 
