@@ -236,7 +236,26 @@ def test_placement_grid_study_reports_the_committed_grid_as_before(tmp_path):
     assert committed == text.replace(f"`{study.summaries}`", "`docs/results/grid/runs`")
 
 
-@pytest.mark.parametrize("name", ["placement_grid", "lr_transfer", "budget_x4", "moe"])
+@pytest.mark.parametrize("name", ["placement_grid", "lr_transfer", "budget_x4", "moe", "collapse"])
 def test_committed_studies_load(name):
     study = load_study(name, REPO / "conf")
     assert study.dir == Path("outputs/studies") / name
+
+
+def test_the_representation_table_is_recomputed_from_the_64_block_summaries():
+    """Each variant's best cell at 64 blocks: the mean over its runs of the mean consecutive-block
+    cosine of the last 16 blocks, read here straight from the committed summaries."""
+    study = load_study("placement_grid", REPO / "conf")
+    study.summaries = REPO / study.summaries
+    r = Report(study, load_summaries(study.summaries))
+    runs = r.best_runs_at_depth(64)
+    names = {variant: sorted(run["name"] for run in rs) for variant, rs in runs.items()}
+    assert names["prenorm"] == ["prenorm_L64_lr6e-3_w300_s1", "prenorm_L64_lr6e-3_w300_s2"]
+    table = r.representation_table(runs)
+    for name in ("prenorm", "spannorm"):
+        files = sorted((REPO / "docs/results/grid/runs").glob(f"{name}_L64_lr6e-3_w300_s*.json"))
+        quarter = [json.loads(f.read_text())["profiles"]["cos"][-16:] for f in files]
+        means = [sum(q) / len(q) for q in quarter]
+        expected = sum(means) / len(means)
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        assert f"{expected:.4f}" in row.split("|")[3], (row, expected)

@@ -562,6 +562,77 @@ class Report:
         figure.savefig(path, dpi=100)
         return True
 
+    def best_runs_at_depth(self, n_layers: int) -> dict[str, list[dict]]:
+        """Each variant's runs at its best cell of the setting with `n_layers` blocks."""
+        found: dict[str, list[dict]] = {}
+        settings = {p.setting for p in self.results.runs}
+        for setting in settings:
+            if not same(
+                dict(setting).get("model.n_layers", self.study.base.get("model.n_layers")), n_layers
+            ):
+                continue
+            for variant in self.variants_at(setting):
+                best = self.results.best_cell(variant, setting)
+                if best is not None:
+                    found.setdefault(variant, []).extend(self.results.cells(variant, setting)[best])
+        return found
+
+    def representation_table(self, runs: dict[str, list[dict]]) -> str:
+        """Per variant, at its best cell: the mean consecutive-block cosine over the last quarter
+        of blocks and the last block's effective rank, at the last logged step (mean ± std (n))."""
+        rows = []
+        for variant, variant_runs in runs.items():
+            cos, erank = [], []
+            for run in variant_runs:
+                profiles = run.get("profiles") or {}
+                if profiles.get("cos"):
+                    quarter = profiles["cos"][
+                        len(profiles["cos"]) - max(1, len(profiles["cos"]) // 4) :
+                    ]
+                    cos.append(statistics.mean(quarter))
+                if profiles.get("erank"):
+                    erank.append(profiles["erank"][-1])
+            cell = cell_text(self.results.place_of(variant_runs[0]).cell)
+            rows.append(
+                [
+                    variant,
+                    cell,
+                    f"{mean_spread(cos)} ({len(cos)})",
+                    f"{mean_spread(erank)} ({len(erank)})",
+                ]
+            )
+        return markdown_table(
+            ["variant", "best cell", "cos, last quarter of blocks", "erank, last block"], rows
+        )
+
+    def plot_representation_profiles(
+        self, runs: dict[str, list[dict]], n_layers: int, path: Path
+    ) -> bool:
+        """Consecutive-block cosine and effective rank against depth at the last logged step,
+        every run at its variant's best cell, one color per variant."""
+        metrics = [
+            m
+            for m in ("cos", "erank")
+            if any((r.get("profiles") or {}).get(m) for rs in runs.values() for r in rs)
+        ]
+        if not metrics:
+            return False
+        figure = Figure(figsize=(5 * len(metrics), 3.8), layout="constrained")
+        panels = figure.subplots(1, len(metrics), squeeze=False)[0]
+        for axes, metric in zip(panels, metrics, strict=True):
+            for i, (variant, variant_runs) in enumerate(runs.items()):
+                for j, run in enumerate(variant_runs):
+                    profile = (run.get("profiles") or {}).get(metric)
+                    if profile:
+                        axes.plot(range(len(profile)), profile, color=f"C{i % 10}", linewidth=1,
+                                  alpha=0.8, label=variant if j == 0 else None)  # fmt: skip
+            title = "cos(x_{l-1}, x_l)" if metric == "cos" else "effective rank of x_l"
+            axes.set(xlabel="block", title=f"{title}, {n_layers} blocks")
+            axes.grid(alpha=0.3)
+            axes.legend(fontsize=7)
+        figure.savefig(path, dpi=100)
+        return True
+
 
 def heatmap_range(means: list[float], span: float = HEATMAP_SPAN) -> tuple[float, float, bool]:
     """(low, high, clipped): the heat maps' color scale. It starts at the best mean and covers at
@@ -712,6 +783,18 @@ def report(study: Study) -> list[Path]:
         if r.plot_gradient_profiles(deepest, out / "gradient_profiles.png"):
             written.append(out / "gradient_profiles.png")
             sections.append(f"![per-block gradient at {deepest} blocks](gradient_profiles.png)")
+        best_runs = r.best_runs_at_depth(deepest)
+        if r.plot_representation_profiles(best_runs, deepest, out / "representations.png"):
+            written.append(out / "representations.png")
+            sections.append(
+                f"## Representations at the end of training ({deepest} blocks, each variant's "
+                "best cell)\n\nAt the last logged step: how far each block turns the stream "
+                "(consecutive-block cosine, near 1 = the block barely changes it) and how many "
+                "directions the tokens span (effective rank; 1 = collapsed onto one line; runs "
+                "made before the monitor logged it have none).\n\n"
+                + r.representation_table(best_runs)
+                + "\n\n![consecutive-block cosine and effective rank against depth](representations.png)"
+            )
     if r.results.unplaced:
         names = ", ".join(s["name"] for s in r.results.unplaced)
         sections.append(f"Summaries that match no variant (left out above): {names}.")
