@@ -87,3 +87,116 @@ def with_moved_targets(node):
     if isinstance(node, list):
         return [with_moved_targets(value) for value in node]
     return node
+
+
+# Written by train.py in a run's directory when its training starts: a copy of the `.hydra/`
+# files it started with. Its presence says "a run trained here"; the copy lets a refused start
+# (a multirun job, whose `.hydra/` Hydra rewrites before any of our code runs) put back the files
+# of the run it refused to overwrite.
+RUN_MARKER = ".spannorm_run"
+HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
+# what a training run writes into its directory besides `.hydra/` and its log
+RUN_OUTPUTS = ("checkpoints", "tb", "csv", "wandb", "eval", RUN_MARKER)
+
+
+def launched_as_extra_rank() -> bool:
+    """Whether this process is a rank > 0 that a launcher started (Lightning's DDP children,
+    torchrun, srun): the variables Lightning itself reads its rank from, read without importing
+    Lightning. Such a process runs in the directory rank 0 has checked."""
+    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        value = os.environ.get(name)
+        if value is not None:
+            return value.strip() not in ("", "0")
+    return False
+
+
+def run_held_in(run_dir: Path) -> list[str]:
+    """What in `run_dir` shows that a run trained there (empty if none): the marker train.py
+    writes at its start, checkpoints, TensorBoard events, CSV metrics, W&B files. `.hydra/`
+    alone is not a run (Hydra writes it for every start, also one refused for bad input)."""
+    run_dir = Path(run_dir)
+    found = []
+    if (run_dir / RUN_MARKER).exists():
+        found.append(f"{RUN_MARKER}/")
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir():
+        found += [f"checkpoints/{p.name}" for p in sorted(checkpoints.glob("*.ckpt"))][:2]
+    if any((run_dir / "tb").glob("**/events.out.tfevents.*")):
+        found.append("tb/ events")
+    if (run_dir / "csv" / "metrics.csv").is_file():
+        found.append("csv/metrics.csv")
+    if (run_dir / "wandb").is_dir():
+        found.append("wandb/")
+    return found
+
+
+def check_run_dir_free(
+    run_dir: Path, resume: str | None, overwrite: bool, key: str = "hydra.run.dir"
+) -> None:
+    """Refuse to start a run in a directory that holds another run, unless it continues that run
+    (`resume=auto`, or `resume=` a checkpoint inside it) or `overwrite=true` replaces it; refuse
+    a run directory that is a file. Raises UsageError (one line)."""
+    from spannorm.errors import UsageError
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"{key}={str(run_dir)!r} is a file; a run directory must be a folder")
+    inside = resume not in (None, "auto") and _is_within(Path(resume), run_dir)
+    if overwrite and (resume == "auto" or inside):
+        raise UsageError(
+            f"overwrite=true clears {str(run_dir)!r}, the run resume={resume} would continue; "
+            "drop overwrite=true to continue it, or resume= to replace it"
+        )
+    if overwrite or resume == "auto" or inside:
+        return
+    held = run_held_in(run_dir)
+    if held:
+        raise UsageError(
+            f"{key}={str(run_dir)!r} already holds a run ({', '.join(held)}); continue it with "
+            "resume=auto, start fresh in a new directory (another hydra.run.dir, or none), or "
+            "replace it with overwrite=true"
+        )
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def clear_run(run_dir: Path) -> None:
+    """Delete what a previous run wrote in `run_dir` (checkpoints, events, metrics, evaluations,
+    the marker), for `overwrite=true`: the new run then mixes nothing with it."""
+    import shutil
+
+    for name in RUN_OUTPUTS:
+        path = Path(run_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def mark_run_started(run_dir: Path) -> None:
+    """Write the marker of a run that trains in `run_dir`, with a copy of its `.hydra/` files."""
+    import shutil
+
+    marker = Path(run_dir) / RUN_MARKER
+    marker.mkdir(parents=True, exist_ok=True)
+    for name in HYDRA_FILES:
+        source = Path(run_dir) / ".hydra" / name
+        if source.is_file():
+            shutil.copyfile(source, marker / name)
+
+
+def restore_hydra_files(run_dir: Path) -> None:
+    """Put back the `.hydra/` files the run in `run_dir` started with (from its marker), after a
+    refused start that Hydra had already written its own over."""
+    import shutil
+
+    marker = Path(run_dir) / RUN_MARKER
+    for name in HYDRA_FILES:
+        if (marker / name).is_file():
+            shutil.copyfile(marker / name, Path(run_dir) / ".hydra" / name)

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from hydra.errors import CompactHydraException, MissingConfigException
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, MissingMandatoryValue
 
 from spannorm.errors import TrainingDiverged, UsageError, first_line
-from spannorm.runs import register_resolvers
+from spannorm.runs import check_run_dir_free, launched_as_extra_rank, register_resolvers
 from spannorm.training.multirun import in_sweep
 
 
@@ -123,3 +124,38 @@ def _composition_error(error: CompactHydraException) -> str:
         choices = ", ".join(error.options)
         return f"{group}={name!r} is not {article} {group} config; choose one of: {choices}"
     return " ".join(str(error).strip().split("\n\n")[0].split())  # its first paragraph
+
+
+class RunDirCheck(Callback):
+    """A Hydra callback (each entry point's `hydra.callbacks.run_dir`) that checks the directory
+    of a single run before Hydra creates it and writes `.hydra/` into it, so that a refused start
+    changes nothing on disk: the directory must not be a file and, with `refuse_held_runs`
+    (train.py), must not hold another run unless the command continues it (`resume=auto`) or
+    replaces it (`overwrite=true`); see `spannorm.runs.check_run_dir_free`. The ranks a launcher
+    starts in the directory rank 0 checked (Lightning's DDP children) are not checked again.
+
+    Hydra turns an exception raised in a callback into a warning, so a refusal exits here."""
+
+    def __init__(self, refuse_held_runs: bool = False) -> None:
+        self.refuse_held_runs = refuse_held_runs
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if launched_as_extra_rank():
+            return
+        self._check(config, Path(str(config.hydra.run.dir)), "hydra.run.dir", self.refuse_held_runs)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # each job's own directory is checked by train.py: its `resume=` may be swept
+        self._check(config, Path(str(config.hydra.sweep.dir)), "hydra.sweep.dir", False)
+
+    @staticmethod
+    def _check(config: DictConfig, run_dir: Path, key: str, refuse_held_runs: bool) -> None:
+        try:
+            if refuse_held_runs:
+                resume, overwrite = config.get("resume"), bool(config.get("overwrite", False))
+                check_run_dir_free(run_dir, resume, overwrite, key)
+            elif run_dir.exists() and not run_dir.is_dir():
+                raise UsageError(f"{key}={str(run_dir)!r} is a file; it must be a folder")
+        except UsageError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)

@@ -18,7 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from spannorm.console import console
 from spannorm.errors import UsageError, checking_input
-from spannorm.runs import output_dir
+from spannorm.runs import (
+    check_run_dir_free,
+    clear_run,
+    mark_run_started,
+    output_dir,
+    restore_hydra_files,
+)
 
 
 def launched_rank() -> int:
@@ -43,6 +49,17 @@ def checkpoint_to_resume(resume: str | None, run_dir: Path) -> Path | None:
             console.print(f"resume=auto: no checkpoint in {run_dir} yet; starting fresh")
             return None
     return resolve_checkpoint(resume, "resume")
+
+
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """Refuse a run directory that holds another run (see `spannorm.runs.check_run_dir_free`).
+    A single run was checked before Hydra wrote into the directory (`RunDirCheck`); a multirun
+    job only here, after Hydra rewrote its `.hydra/`, so a refusal puts the old run's files back."""
+    try:
+        check_run_dir_free(run_dir, cfg.resume, cfg.get("overwrite", False), "run directory")
+    except UsageError:
+        restore_hydra_files(run_dir)
+        raise
 
 
 def exit_after_stop(stopper, step: int, run_dir: Path) -> NoReturn:
@@ -87,12 +104,14 @@ def train(cfg: DictConfig) -> float:
         loggers = instantiate_loggers(cfg.get("logger"))
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         run_dir = output_dir(cfg)
+        builds_data = launched_rank() == 0
+        if builds_data:  # the other ranks run in the directory rank 0 checked
+            check_run_dir(cfg, run_dir)
         resume = checkpoint_to_resume(cfg.resume, run_dir)
         # Rank 0 builds the data (or reads its caches) here, so that a data error is one line
         # before anything trains; the other ranks of a multi-process launch skip this and read
         # the caches in `fit` (Lightning's prepare_data hook, then a barrier, then setup), so
         # the data is built once. A file lock per split keeps nodes sharing a file system apart.
-        builds_data = launched_rank() == 0
         if builds_data:
             prepare_data(datamodule)
     if builds_data and datamodule.vocab_size > cfg.model.vocab_size:
@@ -100,6 +119,10 @@ def train(cfg: DictConfig) -> float:
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's "
             f"{datamodule.vocab_size} token ids; raise model.vocab_size"
         )
+    if builds_data:
+        if cfg.get("overwrite", False):
+            clear_run(run_dir)
+        mark_run_started(run_dir)
     stopper = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
     if isinstance(trainer.accelerator, CPUAccelerator):
         keep_freed_memory()

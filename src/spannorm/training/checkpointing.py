@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from spannorm.errors import first_line
 from spannorm.files import atomic_output
 
 # A sharded checkpoint is a folder: one file per process beside this one of the trainer's state.
@@ -198,14 +199,36 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The most recently written `*.ckpt` in `run_dir/checkpoints` or `run_dir`, if any."""
+    """The checkpoint in `run_dir/checkpoints` or `run_dir` that holds the run's latest state: the
+    highest training step stored inside it (`global_step`), `last.ckpt` among those at that step.
+    File times are not used: a copied or restored folder has times that say nothing of the steps.
+    A candidate whose step cannot be read is an error, never skipped for an older one."""
     found = [
         path
         for folder in (run_dir / "checkpoints", run_dir)
         for path in folder.glob("*.ckpt")
         if is_checkpoint(path)
     ]
-    return max(found, key=lambda path: path.stat().st_mtime_ns, default=None)
+    return max(
+        found,
+        key=lambda path: (checkpoint_step(path), path.stem == "last", path.name),
+        default=None,
+    )
+
+
+def checkpoint_step(path: Path) -> int:
+    """The training step stored in a checkpoint (a sharded one's `meta.pt`), -1 for a file that
+    stores none; its tensors are memory-mapped, not read. ValueError if it cannot be read."""
+    archive = path / SHARDED_METADATA if path.is_dir() else path
+    try:
+        stored = torch.load(archive, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as error:  # torch reports a damaged archive as RuntimeError, pickle's own...
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not readable ({first_line(error)}); it is truncated or "
+            "was not written by torch.save: move it away to resume from the others"
+        ) from None
+    step = stored.get("global_step", -1) if isinstance(stored, dict) else -1
+    return int(step)
 
 
 def verify_checkpoint(path: Path, key: str) -> None:
