@@ -10,6 +10,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from spannorm.errors import UsageError, first_line
+
 # One id per process: with `now`, it keeps two runs (or sweeps) started in the same second apart.
 RUN_ID = f"{os.getpid()}-{secrets.token_hex(2)}"
 
@@ -72,8 +74,22 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 def run_config_of(checkpoint: Path) -> DictConfig:
     """The config saved by Hydra with the run that wrote `checkpoint`, its `_target_` paths of
-    the flat layout rewritten (MOVED_TARGETS)."""
-    saved = OmegaConf.load(run_dir_of(checkpoint) / ".hydra" / "config.yaml")
+    the flat layout rewritten (MOVED_TARGETS). ValueError naming the file if it is damaged."""
+    import yaml
+
+    run_dir = run_dir_of(checkpoint)
+    path = run_dir / ".hydra" / "config.yaml"
+    try:
+        saved = OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        copy = run_dir / RUN_MARKER / "config.yaml"
+        fix = f"copy {copy} over it" if copy.is_file() else "restore it from a backup"
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or first_line(error)
+        raise ValueError(f"{path} is damaged: not YAML ({problem}{where}); {fix}") from None
+    if not isinstance(saved, DictConfig):
+        raise ValueError(f"{path} is damaged: it holds no config mapping; restore it")
     return OmegaConf.create(with_moved_targets(OmegaConf.to_container(saved, resolve=False)))
 
 
@@ -136,8 +152,6 @@ def check_run_dir_free(
     """Refuse to start a run in a directory that holds another run, unless it continues that run
     (`resume=auto`, or `resume=` a checkpoint inside it) or `overwrite=true` replaces it; refuse
     a run directory that is a file. Raises UsageError (one line)."""
-    from spannorm.errors import UsageError
-
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"{key}={str(run_dir)!r} is a file; a run directory must be a folder")

@@ -24,6 +24,8 @@ def evaluate(cfg: DictConfig) -> float | dict[str, float]:
     from spannorm.data.prepare import build_datamodule
     from spannorm.inference.load import load_trained
 
+    with checking_input():
+        check_eval_options(cfg)
     if cfg.get("tasks"):
         return run_tasks(cfg)
 
@@ -40,6 +42,50 @@ def evaluate(cfg: DictConfig) -> float | dict[str, float]:
     return loss
 
 
+# eval.py's options that only the downstream tasks (`tasks=[...]`) use
+TASK_OPTIONS = ("include_path", "limit", "num_fewshot", "batch_size", "bootstrap_iters")
+
+
+def check_eval_options(cfg: DictConfig) -> None:
+    """Refuse, in one line, options eval.py would pass on to fail deep inside lm-eval or torch,
+    an accelerator this machine lacks, and task options given without tasks (they would be
+    ignored: the validation loss always reads the run's whole validation split)."""
+    from spannorm.training.checks import check_accelerator
+
+    check_accelerator(cfg.accelerator, key="accelerator")
+    batch_size = cfg.batch_size
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch_size={batch_size!r} must be a positive integer")
+    limit = cfg.limit
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, int | float) or limit <= 0
+    ):
+        raise UsageError(
+            f"limit={limit!r} must be a positive number of examples per task (a fraction below "
+            "1: that share of each task), or null for all of them"
+        )
+    if cfg.num_fewshot is not None and (
+        not isinstance(cfg.num_fewshot, int) or cfg.num_fewshot < 0
+    ):
+        raise UsageError(f"num_fewshot={cfg.num_fewshot!r} must be an integer >= 0, or null")
+    if not cfg.get("tasks"):
+        given = [key for key in TASK_OPTIONS if key in command_line_keys()]
+        if given:
+            raise UsageError(
+                f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to downstream tasks (tasks=[...]); without tasks "
+                "eval.py reports the validation loss on the run's whole validation split"
+            )
+
+
+def command_line_keys() -> set[str]:
+    """The config keys this run's command line sets (none outside a Hydra run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    return {o.lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task}
+
+
 def run_tasks(cfg) -> dict[str, float]:
     """Evaluate a checkpoint on `cfg.tasks` with the harness; write the results as JSON in the
     run directory (`eval/<time>.json`) and as TensorBoard scalars `eval/<task>/<metric>` at the
@@ -54,17 +100,19 @@ def run_tasks(cfg) -> dict[str, float]:
     )
     from spannorm.inference.load import load_trained
 
-    tasks = list(cfg.tasks)
+    tasks = [cfg.tasks] if isinstance(cfg.tasks, str) else list(cfg.tasks)
     include_path = cfg.get("include_path")
-    if include_path is not None and not Path(include_path).is_dir():
-        raise FileNotFoundError(f"include_path={include_path!r} is not a folder of task YAMLs")
-    task_manager = task_manager_for(tasks, include_path)
-    trained = load_trained(cfg.ckpt_path)
+    with checking_input():
+        if include_path is not None and not Path(include_path).is_dir():
+            raise FileNotFoundError(f"include_path={include_path!r} is not a folder of task YAMLs")
+        task_manager = task_manager_for(tasks, include_path)
+        trained = load_trained(cfg.ckpt_path, tokenizer_file=cfg.get("tokenizer_file"))
+        tokenizer = trained.tokenizer
     checkpoint, step = trained.checkpoint, trained.step
     run_dir = run_dir_of(checkpoint)
     device = "cuda" if cfg.accelerator in ("gpu", "cuda") else cfg.accelerator
     lm = SpannormLM(
-        trained.model, trained.tokenizer, batch_size=cfg.batch_size, device=device, seed=cfg.seed
+        trained.model, tokenizer, batch_size=cfg.batch_size, device=device, seed=cfg.seed
     )
     try:
         output = evaluate_with_harness(lm, tasks, task_manager, cfg)

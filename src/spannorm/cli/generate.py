@@ -11,16 +11,19 @@ from spannorm.errors import UsageError, checking_input
 
 def sample(cfg: DictConfig) -> list[str]:
     """Generate text from a checkpoint: prompt, max_new_tokens, temperature, top_k, kv_cache."""
-    from spannorm.inference.generate import generate
+    from spannorm.inference.generate import check_generation, check_sampling, generate
     from spannorm.inference.load import load_trained
 
     with checking_input():
-        trained = load_trained(cfg.ckpt_path)
+        check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.num_samples)
+        trained = load_trained(cfg.ckpt_path, tokenizer_file=cfg.get("tokenizer_file"))
         tokenizer = trained.tokenizer
+        ids = tokenizer.encode(cfg.prompt)
+        if not ids:
+            raise UsageError("prompt='' encodes to no tokens; give a non-empty prompt")
+        check_generation(len(ids), cfg.max_new_tokens, trained.model.cfg.max_seq_len, cfg.kv_cache)
     generator = torch.Generator().manual_seed(cfg.seed)
-    prompt = torch.tensor([tokenizer.encode(cfg.prompt)] * cfg.num_samples, dtype=torch.long)
-    if prompt.shape[1] == 0:
-        raise UsageError("prompt='' encodes to no tokens; give a non-empty prompt")
+    prompt = torch.tensor([ids] * cfg.num_samples, dtype=torch.long)
     out = generate(
         trained.model,
         prompt,

@@ -103,6 +103,7 @@ def launch(hydra_main: Callable[[], Any]) -> None:
     such as `data=nope`, a malformed override) fails with one `error:` line and exit status 2;
     `debug=true` or HYDRA_FULL_ERROR=1 shows Hydra's full report instead."""
     register_resolvers()
+    sys.argv[1:] = [null_group_as_deletion(arg) for arg in sys.argv[1:]]
     debug = any(arg.lower() == "debug=true" for arg in sys.argv[1:])
     full_report = debug or os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises what it cannot compose
@@ -117,19 +118,36 @@ def launch(hydra_main: Callable[[], Any]) -> None:
         sys.exit(2)
 
 
+def config_dir() -> Path:
+    """The folder of config groups of the running entry script (every one sits beside `conf/`)."""
+    return Path(sys.argv[0]).resolve().parent / "conf"
+
+
+def null_group_as_deletion(arg: str) -> str:
+    """`logger=null` (any config group set to null) as Hydra spells it, `~logger`: Hydra takes a
+    group's value only as a name or a list of names."""
+    key, sep, value = arg.partition("=")
+    if sep and value == "null" and key.isidentifier() and (config_dir() / key).is_dir():
+        return f"~{key}"
+    return arg
+
+
 def _composition_error(error: CompactHydraException) -> str:
-    if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file:
         group, _, name = error.missing_cfg_file.rpartition("/")
-        article = "an" if group[0] in "aeiou" else "a"
-        choices = ", ".join(error.options)
-        return f"{group}={name!r} is not {article} {group} config; choose one of: {choices}"
+        options = error.options or sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+        if group and options:  # an option of a list (logger=[a,b]) comes without its choices
+            article = "an" if group[0] in "aeiou" else "a"
+            choices = ", ".join(options)
+            return f"{group}={name!r} is not {article} {group} config; choose one of: {choices}"
     return " ".join(str(error).strip().split("\n\n")[0].split())  # its first paragraph
 
 
-class RunDirCheck(Callback):
-    """A Hydra callback (each entry point's `hydra.callbacks.run_dir`) that checks the directory
-    of a single run before Hydra creates it and writes `.hydra/` into it, so that a refused start
-    changes nothing on disk: the directory must not be a file and, with `refuse_held_runs`
+class StartCheck(Callback):
+    """A Hydra callback (each entry point's `hydra.callbacks.start_check`) that checks, before Hydra
+    creates any directory, the sweeper's trial count (`hydra.sweeper.n_trials`) and the directory
+    of a single run, before `.hydra/` is written into it, so that a refused start changes nothing
+    on disk: the directory must not be a file and, with `refuse_held_runs`
     (train.py), must not hold another run unless the command continues it (`resume=auto`) or
     replaces it (`overwrite=true`); see `spannorm.runs.check_run_dir_free`. The ranks a launcher
     starts in the directory rank 0 checked (Lightning's DDP children) are not checked again.
@@ -147,6 +165,16 @@ class RunDirCheck(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # each job's own directory is checked by train.py: its `resume=` may be swept
         self._check(config, Path(str(config.hydra.sweep.dir)), "hydra.sweep.dir", False)
+        n_trials = config.hydra.sweeper.get("n_trials")  # Optuna's sweeper (hparams_search=...)
+        if n_trials is not None and (
+            isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1
+        ):
+            print(
+                f"error: hydra.sweeper.n_trials={n_trials!r} must be a positive integer "
+                "(the number of runs the study makes)",
+                file=sys.stderr,
+            )
+            sys.exit(2)
 
     @staticmethod
     def _check(config: DictConfig, run_dir: Path, key: str, refuse_held_runs: bool) -> None:

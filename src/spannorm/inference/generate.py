@@ -23,6 +23,36 @@ def next_token(
     return torch.multinomial(torch.softmax(logits.float(), dim=-1), 1, generator=generator)
 
 
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_k: int | None, num_samples: int = 1
+) -> None:
+    """ValueError, naming the option and what it takes, for sampling options that would print
+    nothing new or fail inside torch."""
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 1
+    ):
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature < 0:
+        raise ValueError(
+            f"temperature={temperature!r} must be a number >= 0 (0: always the likeliest token)"
+        )
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be a positive integer, or null for every token")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples={num_samples!r} must be a positive integer")
+
+
+def check_generation(prompt_tokens: int, max_new_tokens: int, limit: int, kv_cache: bool) -> None:
+    """ValueError when the KV cache would have to hold more positions than the model has."""
+    if kv_cache and prompt_tokens + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({prompt_tokens} tokens) + max_new_tokens={max_new_tokens} exceeds "
+            f"model.max_seq_len={limit}; lower max_new_tokens or use kv_cache=false"
+        )
+
+
 @torch.no_grad()
 def generate(
     model: TransformerLM,
@@ -41,11 +71,7 @@ def generate(
     `max_seq_len`); without it the whole (cropped) context is recomputed every step.
     """
     limit = model.cfg.max_seq_len
-    if kv_cache and idx.shape[1] + max_new_tokens > limit:
-        raise ValueError(
-            f"prompt ({idx.shape[1]} tokens) + max_new_tokens={max_new_tokens} exceeds "
-            f"model.max_seq_len={limit}; lower max_new_tokens or use kv_cache=false"
-        )
+    check_generation(idx.shape[1], max_new_tokens, limit, kv_cache)
     was_training = model.training
     model.eval()
     attentions = [block.attn for block in model.blocks]

@@ -29,11 +29,13 @@ def check_train_config(cfg: DictConfig) -> None:
         )
 
 
-def check_accelerator(accelerator: str) -> None:
+def check_accelerator(accelerator: str, key: str = "trainer.accelerator") -> None:
     """A GPU accelerator needs a CUDA GPU: say so, and what runs here, instead of Lightning's
-    "No supported gpu backend found!"."""
+    "No supported gpu backend found!" (or torch's error at the first tensor moved); `key` names
+    the option."""
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        here = "trainer=cpu" if key.startswith("trainer.") else f"{key}=cpu"
         raise UsageError(
-            f"trainer.accelerator={accelerator!r} needs a CUDA GPU and none was found on this "
-            "machine; trainer=cpu runs here"
+            f"{key}={accelerator!r} needs a CUDA GPU and none was found on this machine; "
+            f"{here} runs here"
         )
