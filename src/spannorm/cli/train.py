@@ -87,7 +87,7 @@ def train(cfg: DictConfig) -> float:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from spannorm.data.prepare import prepare_data
-    from spannorm.training.checkpointing import LastCheckpoint
+    from spannorm.training.checkpointing import LastCheckpoint, check_weights_fit
     from spannorm.training.checks import check_accelerator, check_train_config
     from spannorm.training.global_batch import apply_global_batch
     from spannorm.training.loggers import instantiate_loggers
@@ -119,14 +119,16 @@ def train(cfg: DictConfig) -> float:
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's "
             f"{datamodule.vocab_size} token ids; raise model.vocab_size"
         )
-    if builds_data:
-        if cfg.get("overwrite", False):
-            clear_run(run_dir)
-        mark_run_started(run_dir)
     stopper = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
     if isinstance(trainer.accelerator, CPUAccelerator):
         keep_freed_memory()
     lm = instantiate(cfg.model)
+    if resume is not None:
+        check_weights_fit(resume, lm)
+    if builds_data:  # from here on this directory holds this run
+        if cfg.get("overwrite", False):
+            clear_run(run_dir)
+        mark_run_started(run_dir)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:

@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from spannorm.errors import first_line
+from spannorm.errors import UsageError, first_line
 from spannorm.files import atomic_output
 
 # A sharded checkpoint is a folder: one file per process beside this one of the trainer's state.
@@ -265,6 +265,35 @@ def resolve_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
         path = newest
     verify_checkpoint(path, key)
     return path
+
+
+def check_weights_fit(checkpoint: Path, module: torch.nn.Module, key: str = "resume") -> None:
+    """Raise UsageError when the weights stored in `checkpoint` do not fit `module` (another
+    model shape than the run that wrote it), naming the model settings that differ between the
+    checkpoint's saved hyperparameters and `module`'s, instead of torch's list of tensors.
+    A sharded checkpoint (a folder) is left to the strategy's loader."""
+    if checkpoint.is_dir():
+        return
+    stored = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
+    saved = {name: tuple(t.shape) for name, t in stored.get("state_dict", {}).items()}
+    here = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+    if saved == here:
+        return
+    there = stored.get("hyper_parameters", {})
+    ours = dict(getattr(module, "hparams", {}))
+    differ = [
+        f"model.{name}={there[name]!r} there, {ours[name]!r} here"
+        for name in sorted(there)
+        if name in ours and name != "optim" and there[name] != ours[name]
+    ]
+    shapes = [
+        name for name in sorted(saved.keys() | here.keys()) if saved.get(name) != here.get(name)
+    ]
+    detail = "; ".join(differ) if differ else f"{len(shapes)} tensors differ, e.g. {shapes[0]}"
+    raise UsageError(
+        f"{key}={str(checkpoint)!r} holds another model shape than this run's ({detail}); "
+        "resume with the settings of the run that wrote it (its .hydra/config.yaml)"
+    )
 
 
 def consolidate_checkpoint(folder: str | os.PathLike) -> Path:
