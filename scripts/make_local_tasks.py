@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from spannorm.analysis.local_tasks import write_local_tasks
@@ -20,9 +21,22 @@ def main() -> None:
     parser.add_argument("--name", default="shakespeare", help="task name prefix")
     parser.add_argument("-n", type=int, default=500, help="examples per task")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace task files of the same names in OUT"
+    )
     args = parser.parse_args()
-    text = args.text.read_text(encoding="utf-8")
-    for task in write_local_tasks(text, args.out, args.name, n=args.n, seed=args.seed):
+    if not args.text.is_file():
+        print(f"error: {args.text} is not a file; give a held-out plain-text file", file=sys.stderr)
+        sys.exit(2)
+    try:
+        text = args.text.read_text(encoding="utf-8")
+        written = write_local_tasks(
+            text, args.out, args.name, n=args.n, seed=args.seed, overwrite=args.overwrite
+        )
+    except (OSError, ValueError) as error:  # an unreadable text, task files in the way
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    for task in written:
         print(f"{task}: {args.out / (task + '.yaml')}")
 
 

@@ -37,9 +37,31 @@ def write_task(out: Path, name: str, rows: list[dict], spec: dict) -> None:
 
 
 def write_local_tasks(
-    text: str, out: Path, name: str, n: int = 500, context_lines: int = 3, seed: int = 0
+    text: str,
+    out: Path,
+    name: str,
+    n: int = 500,
+    context_lines: int = 3,
+    seed: int = 0,
+    overwrite: bool = False,
 ) -> list[str]:
-    """Write the two tasks' YAML + JSONL into `out`; return the task names."""
+    """Write the two tasks' YAML + JSONL into `out`; return the task names. FileExistsError, before
+    anything is written, if one of those files exists already (unless `overwrite`): a folder of
+    task files may hold the user's own tasks of the same name."""
+    out = Path(out)
+    names = [f"{name}_next_line", f"{name}_ppl"]
+    existing = [
+        str(out / f"{task}{suffix}")
+        for task in names
+        for suffix in (".yaml", ".jsonl")
+        if (out / f"{task}{suffix}").exists()
+    ]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{', '.join(existing)} {'exists' if len(existing) == 1 else 'exist'} already; "
+            "choose another folder or --name, "
+            "or pass --overwrite to replace them"
+        )
     rng = random.Random(seed)
     found = speeches(text)
     if len(found) < 2:
