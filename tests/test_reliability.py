@@ -187,14 +187,14 @@ def test_damaged_checkpoints_are_rejected(tmp_path):
         resolve_checkpoint(path, "resume")
 
 
-def test_run_dir_resolves_to_its_newest_intact_file(tmp_path):
+def test_run_dir_resolves_to_its_latest_stored_step(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
-    torch.save({}, checkpoints / "step000010.ckpt")
+    torch.save({"global_step": 10}, checkpoints / "step000010.ckpt")
     (checkpoints / "last.ckpt").symlink_to("gone.ckpt")  # a dangling save_last="link"
     assert resolve_checkpoint(tmp_path) == checkpoints / "step000010.ckpt"
-    time.sleep(0.01)
-    torch.save({}, checkpoints / "step000020.ckpt")
+    torch.save({"global_step": 20}, checkpoints / "step000020.ckpt")
+    os.utime(checkpoints / "step000020.ckpt", ns=(0, 0))  # older by its file time
     assert resolve_checkpoint(tmp_path) == checkpoints / "step000020.ckpt"
 
 

@@ -36,9 +36,9 @@ def launched_rank() -> int:
 
 
 def checkpoint_to_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """The verified checkpoint that `resume=` names: null starts fresh; `auto` takes the newest
-    checkpoint of this run's directory (none yet: start fresh, with a notice); else a run directory
-    or a checkpoint."""
+    """The verified checkpoint that `resume=` names: null starts fresh; `auto` takes the checkpoint
+    of this run's directory with the highest stored step (none yet: start fresh, with a notice);
+    else a run directory (the same choice there) or a checkpoint."""
     from spannorm.training.checkpointing import newest_checkpoint, resolve_checkpoint
 
     if resume is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import spannorm.inference.hf_model
 import spannorm.model
-from spannorm.data.tokenizer import EOS_TOKEN, BPETokenizer, ByteTokenizer, Tokenizer
+from spannorm.data.tokenizer import EOS_TOKEN, ByteTokenizer, HFTokenizer, Tokenizer
 from spannorm.model import TransformerLM
 
 WRAPPER_FILE = "modeling_spannorm.py"
@@ -59,18 +59,19 @@ def write_model_code(out: Path) -> list[Path]:
 
 
 def huggingface_tokenizer(tokenizer: Tokenizer, max_length: int):
-    """A `PreTrainedTokenizerFast` giving the same ids: the BPE's own `tokenizers` object, or for
-    the byte tokenizer a byte-level vocabulary of the 256 bytes (id = byte value) with no merges."""
-    from tokenizers import Tokenizer as HFTokenizer
+    """A `PreTrainedTokenizerFast` giving the same ids: the BPE's (or a `tokenizers` file's) own
+    `tokenizers` object, or for the byte tokenizer a byte-level vocabulary of the 256 bytes
+    (id = byte value) with no merges."""
+    from tokenizers import Tokenizer as TokenizersFile
     from tokenizers import decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    if isinstance(tokenizer, BPETokenizer):
-        backend = HFTokenizer.from_str(tokenizer._tokenizer.to_str())
+    if isinstance(tokenizer, HFTokenizer):
+        backend = TokenizersFile.from_str(tokenizer._tokenizer.to_str())
     elif isinstance(tokenizer, ByteTokenizer):
         vocab = {byte_level_char(b): b for b in range(256)}
         vocab[EOS_TOKEN] = tokenizer.eos_id
-        backend = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+        backend = TokenizersFile(models.BPE(vocab=vocab, merges=[]))
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         backend.decoder = decoders.ByteLevel()
         backend.add_special_tokens([EOS_TOKEN])

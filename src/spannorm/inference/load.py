@@ -1,5 +1,5 @@
 """One loader for every form of trained checkpoint: a `.ckpt` file, a sharded checkpoint folder
-(FSDP2; consolidated into one file beside it first) or a run directory (its newest checkpoint)."""
+(FSDP2; consolidated into one file beside it first) or a run directory (its latest checkpoint by stored step)."""
 
 from __future__ import annotations
 

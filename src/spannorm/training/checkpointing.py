@@ -248,7 +248,7 @@ def verify_checkpoint(path: Path, key: str) -> None:
 
 
 def resolve_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
-    """The checkpoint at `path`, or the newest one of the run directory `path`, verified intact;
+    """The checkpoint at `path`, or the latest one (by stored step) of the run directory `path`, verified intact;
     `key` names the option in error messages."""
     path = Path(path)
     if not path.exists():
