@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_entry, tiny_overrides
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from spannorm.analysis.local_tasks import write_local_tasks
@@ -29,6 +27,8 @@ from spannorm.cli.launcher import StartCheck, null_group_as_deletion
 from spannorm.data.tokenizer import BPETokenizer
 from spannorm.runs import RUN_MARKER, check_run_dir_free
 from spannorm.training.checkpointing import newest_checkpoint
+
+from helpers import REPO, compose_config, run_entry, tiny_overrides
 
 # a run validated (and checkpointed: every best is kept) at steps 5 and 10, every step logged
 FIRST_RUN = (
@@ -71,8 +71,7 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
 def one_line_error(main, config: str, overrides: list[str], capsys) -> str:
     """Run an entry point's `main` on the composed `config` as the command line does; return its
     one `error:` line (exit status 2)."""
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose(config, overrides=overrides)
+    cfg = compose_config(overrides, config=config)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         friendly_errors(main)(cfg)
