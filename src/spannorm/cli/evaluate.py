@@ -71,9 +71,10 @@ def check_eval_options(cfg: DictConfig) -> None:
     if not cfg.get("tasks"):
         given = [key for key in TASK_OPTIONS if key in command_line_keys()]
         if given:
+            verb = "applies" if len(given) == 1 else "apply"
             raise UsageError(
-                f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to downstream tasks (tasks=[...]); without tasks "
-                "eval.py reports the validation loss on the run's whole validation split"
+                f"{', '.join(given)} {verb} only to downstream tasks (tasks=[...]); without "
+                "tasks eval.py reports the validation loss on the run's whole validation split"
             )
 
 

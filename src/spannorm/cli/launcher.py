@@ -144,13 +144,13 @@ def _composition_error(error: CompactHydraException) -> str:
 
 
 class StartCheck(Callback):
-    """A Hydra callback (each entry point's `hydra.callbacks.start_check`) that checks, before Hydra
-    creates any directory, the sweeper's trial count (`hydra.sweeper.n_trials`) and the directory
-    of a single run, before `.hydra/` is written into it, so that a refused start changes nothing
-    on disk: the directory must not be a file and, with `refuse_held_runs`
-    (train.py), must not hold another run unless the command continues it (`resume=auto`) or
-    replaces it (`overwrite=true`); see `spannorm.runs.check_run_dir_free`. The ranks a launcher
-    starts in the directory rank 0 checked (Lightning's DDP children) are not checked again.
+    """A Hydra callback (each entry point's `hydra.callbacks.start_check`) that checks, before
+    Hydra creates a directory or writes `.hydra/` into it, so that a refused start changes nothing
+    on disk: the sweeper's trial count (`hydra.sweeper.n_trials`, at least 1) and the run (or
+    sweep) directory. That must not be a file and, with `refuse_held_runs` (train.py), must not
+    hold another run unless the command continues it (`resume=auto`) or replaces it
+    (`overwrite=true`); see `spannorm.runs.check_run_dir_free`. The ranks a launcher starts in
+    the directory rank 0 checked (Lightning's DDP children) are not checked again.
 
     Hydra turns an exception raised in a callback into a warning, so a refusal exits here."""
 
