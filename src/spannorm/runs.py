@@ -151,10 +151,12 @@ def check_run_dir_free(
 ) -> None:
     """Refuse to start a run in a directory that holds another run, unless it continues that run
     (`resume=auto`, or `resume=` a checkpoint inside it) or `overwrite=true` replaces it; refuse
-    a run directory that is a file. Raises UsageError (one line)."""
+    a run directory that is a file. Raises UsageError (one line); `key` names the directory there
+    (an option, or words such as "the run directory")."""
     run_dir = Path(run_dir)
+    where = f"{key} {str(run_dir)!r}" if " " in key else f"{key}={str(run_dir)!r}"
     if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"{key}={str(run_dir)!r} is a file; a run directory must be a folder")
+        raise UsageError(f"{where} is a file; a run directory must be a folder")
     inside = resume not in (None, "auto") and _is_within(Path(resume), run_dir)
     if overwrite and (resume == "auto" or inside):
         raise UsageError(
@@ -166,7 +168,7 @@ def check_run_dir_free(
     held = run_held_in(run_dir)
     if held:
         raise UsageError(
-            f"{key}={str(run_dir)!r} already holds a run ({', '.join(held)}); continue it with "
+            f"{where} already holds a run ({', '.join(held)}); continue it with "
             "resume=auto, start fresh in a new directory (another hydra.run.dir, or none), or "
             "replace it with overwrite=true"
         )

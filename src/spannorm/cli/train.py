@@ -53,10 +53,11 @@ def checkpoint_to_resume(resume: str | None, run_dir: Path) -> Path | None:
 
 def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     """Refuse a run directory that holds another run (see `spannorm.runs.check_run_dir_free`).
-    A single run was checked before Hydra wrote into the directory (`spannorm.cli.launcher.StartCheck`); a multirun
-    job only here, after Hydra rewrote its `.hydra/`, so a refusal puts the old run's files back."""
+    A single run was checked before Hydra wrote into the directory (`launcher.StartCheck`); a
+    multirun job only here, after Hydra rewrote its `.hydra/`, so a refusal puts the old run's
+    files back."""
     try:
-        check_run_dir_free(run_dir, cfg.resume, cfg.get("overwrite", False), "run directory")
+        check_run_dir_free(run_dir, cfg.resume, cfg.get("overwrite", False), "the run directory")
     except UsageError:
         restore_hydra_files(run_dir)
         raise
