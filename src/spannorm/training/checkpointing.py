@@ -116,7 +116,12 @@ class LastCheckpoint(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         step = trainer.global_step
-        if self.every_n_train_steps and step % self.every_n_train_steps == 0:
+        periodic = self.every_n_train_steps and step % self.every_n_train_steps == 0
+        # The last step is saved here too, not only in `on_train_end`: by then the loop has
+        # finished (its step counter one further, its epoch closed), and a run extended from
+        # such a checkpoint (a larger trainer.max_steps) would log every step one too high.
+        last = 0 < trainer.max_steps <= step
+        if periodic or last:
             self._save(trainer, publish=False)
 
     # the first hooks after Lightning has logged the metrics of the step a pending checkpoint holds
