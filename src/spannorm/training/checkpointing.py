@@ -1,5 +1,5 @@
 """Checkpoints that survive interruption: atomic writes, a `last.ckpt` kept ready to resume from
-(every N steps, at the end of training, and when SIGTERM or SIGINT stops the run), finding and
+(every N steps, at the last step, and when SIGTERM or SIGINT stops the run), finding and
 verifying the checkpoint to resume from or to load, and consolidating a sharded one into one file
 (`python -m spannorm.training.checkpointing <folder>`)."""
 
@@ -53,7 +53,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class LastCheckpoint(L.Callback):
     """Keeps the run's `last.ckpt` (in its ModelCheckpoint's folder) ready to resume from: saved
-    every `every_n_train_steps` steps, at the end of training, and when SIGTERM or SIGINT stops the
+    every `every_n_train_steps` steps, at the last step (and at the end of training), and when SIGTERM or SIGINT stops the
     run. A stop signal ends the run after the current step, or after the validation in progress;
     Lightning then raises `SIGTERMException`. A second SIGINT interrupts at once, without saving.
 
