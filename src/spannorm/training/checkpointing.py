@@ -54,8 +54,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class LastCheckpoint(L.Callback):
     """Keeps the run's `last.ckpt` (in its ModelCheckpoint's folder) ready to resume from: saved
     every `every_n_train_steps` steps, at the last step (and at the end of training, if it ends
-    otherwise), and when SIGTERM or SIGINT stops the run. A stop signal ends the run after the current step, or after the validation in progress;
-    Lightning then raises `SIGTERMException`. A second SIGINT interrupts at once, without saving.
+    otherwise), and when SIGTERM or SIGINT stops the run. A stop signal ends the run after the
+    current step, or after the validation in progress; Lightning then raises `SIGTERMException`.
+    A second SIGINT interrupts at once, without saving.
 
     A checkpoint never claims steps whose logged values are not on disk: every logger is flushed
     before any checkpoint of the run is written (ModelCheckpoint's too), and a periodic checkpoint,
