@@ -167,6 +167,21 @@ def held_run(tmp_path) -> Path:
     return tmp_path / "run"
 
 
+@pytest.mark.slow
+def test_ddp_ranks_started_in_the_checked_directory_train_and_resume(tiny_corpus, tmp_path):
+    # Lightning starts rank 1 by running the command line again with hydra.run.dir=<this dir>,
+    # which by then holds rank 0's run: it must train there, not be refused
+    run_dir = tmp_path / "ddp"
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    for steps in (4, 6):
+        overrides = tiny_overrides(
+            tiny_corpus, *ddp, f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1"
+        )
+        result = run_entry("train.py", *overrides, f"hydra.run.dir={run_dir}", "resume=auto")
+        assert "MEMBER: 2/2" in result.stdout + result.stderr
+    assert [step for step, _ in read_scalars(run_dir)["train/loss"]] == list(range(6))
+
+
 def test_ranks_a_launcher_starts_are_not_refused(held_run, monkeypatch, capsys):
     # Lightning's DDP children re-run the command line with hydra.run.dir=<the same directory>
     config = OmegaConf.create({"hydra": {"run": {"dir": str(held_run)}}, "resume": None})
