@@ -78,11 +78,13 @@ class LastCheckpoint(L.Callback):
         self.saved: str | None = None
         self.saved_step: int | None = None
         self._pending: tuple[Path, Path, int] | None = None  # (written, to publish as, step)
+        self._resumed = False
         self._stop_after_validation = False
         self._lightning_stop = None
         self._previous_handlers: dict[signal.Signals, Any] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._resumed = trainer.ckpt_path is not None
         # Lightning's SIGTERM handler, installed for `fit`, stops the loop after the current step
         lightning_stop = signal.getsignal(signal.SIGTERM)
         on_main_thread = threading.current_thread() is threading.main_thread()
@@ -128,6 +130,9 @@ class LastCheckpoint(L.Callback):
     # the first hooks after Lightning has logged the metrics of the step a pending checkpoint holds
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         self._publish(trainer)
+        if self._resumed:
+            self._resumed = False
+            align_logged_step(trainer)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._publish(trainer)
@@ -177,6 +182,19 @@ class LastCheckpoint(L.Callback):
         # so that ModelCheckpoint replaces this file next, instead of writing a last-v1.ckpt
         trainer.checkpoint_callback.last_model_path = str(path)
         self.saved, self.saved_step = str(path), step
+
+
+def align_logged_step(trainer: L.Trainer) -> None:
+    """Before the first step of a resumed run, set the step its metrics are logged at (Lightning's
+    count of optimizer steps taken, `_batches_that_stepped`) to the step it resumes from. The two
+    are equal between steps of one optimizer, but a checkpoint written during the validation that
+    ends a run at a step off the validation interval (`should_stop` at `trainer.max_steps`) holds
+    the count of the step before, and Lightning's restore adds the missing one only at interval
+    steps: a run extended from such a checkpoint logged every new step one too low, the first on
+    top of the last step of the run it continues."""
+    loop = trainer.fit_loop.epoch_loop
+    if getattr(loop, "_batches_that_stepped", None) not in (None, trainer.global_step):
+        loop._batches_that_stepped = trainer.global_step
 
 
 def flush_loggers(trainer: L.Trainer) -> None:
