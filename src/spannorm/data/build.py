@@ -3,23 +3,33 @@ resumable, and once however many processes ask for it at the same time."""
 
 from __future__ import annotations
 
-import fcntl
+import ctypes
 import itertools
 import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .shards import INDEX, PROGRESS, SHARDS_FORMAT_VERSION, ShardWriter, read_index, write_json
+from .shards import (
+    INDEX,
+    PROGRESS,
+    SHARDS_FORMAT_VERSION,
+    ShardWriter,
+    build_lock,
+    read_index,
+    write_json,
+)
 from .tokenizer import Tokenizer
 
 # Batches handed out per worker process before the oldest result is awaited: bounds the text and
@@ -48,11 +58,46 @@ class Encoder:
 
 
 _worker_encoder: Encoder | None = None
+# How often a worker checks that the process it tokenizes for is still there.
+PARENT_CHECK_SECONDS = 0.5
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _init_worker(encoder: Encoder) -> None:
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+
+def _die_with(pid: int) -> None:
+    """End this worker as soon as process `pid` (the build's) is gone, however it went: a killed
+    build leaves no worker behind, blocked on a full result pipe that nobody reads any more."""
+    if sys.platform.startswith("linux"):
+        # the forkserver, this worker's parent, ends when the build does; this follows it at once
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    def watch() -> None:
+        while _alive(pid):
+            threading.Event().wait(PARENT_CHECK_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _init_worker(encoder: Encoder, build_pid: int) -> None:
     global _worker_encoder
     _worker_encoder = encoder
+    _die_with(build_pid)
 
 
 def _encode_in_worker(texts: list[str]) -> np.ndarray:
@@ -87,7 +132,8 @@ def _encoded(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # unlike multiprocessing.Pool, a worker that dies fails the build (BrokenProcessPool)
     # instead of leaving its batch pending forever
-    with ProcessPoolExecutor(num_proc, _worker_context(), _init_worker, (encoder,)) as pool:
+    pool = ProcessPoolExecutor(num_proc, _worker_context(), _init_worker, (encoder, os.getpid()))
+    try:
         pending: deque = deque()
         for number, texts in itertools.chain(head, batches):
             pending.append((number, pool.submit(_encode_in_worker, texts)))
@@ -97,19 +143,58 @@ def _encoded(
         while pending:
             number, result = pending.popleft()
             yield number, result.result()
+    except BaseException:
+        # a stopped build (a signal, an error, the consumer gone) ends its workers now rather
+        # than after the batches in flight, which nobody will read
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+class BuildStopped(BaseException):
+    """A stop signal (SIGTERM, SIGINT) arrived during a build."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @contextmanager
-def _build_lock(directory: Path) -> Iterator[None]:
-    """Hold an exclusive lock for building `directory`: other processes (ranks of one run, runs
-    sharing a data_dir) wait here, then find the finished index."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with open(directory.with_name(directory.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+def _stop_signals_raise() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT raise BuildStopped (in the main thread only: signals
+    are delivered there), so the build can say what it kept before the process ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise BuildStopped(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _report_stop(stopped: BuildStopped, directory: Path, finished: list[dict]) -> None:
+    """Say what a stopped build kept and how to go on, then end with 128 + the signal."""
+    tokens = sum(shard["tokens"] for shard in finished)
+    kept = (
+        f"kept {len(finished)} finished shard(s), {tokens:,} tokens, in {directory}"
+        if finished
+        else f"no shard of {directory} was finished yet"
+    )
+    print(
+        f"stopped by {stopped} while tokenizing: {kept}; run the same command again and the "
+        "build resumes from its finished shards",
+        file=sys.stderr,
+        flush=True,
+    )
+    raise SystemExit(128 + stopped.signum) from None
 
 
 def _resume_point(directory: Path, settings: dict[str, Any]) -> tuple[list[dict], int, int]:
@@ -150,7 +235,7 @@ def build_split(
     `progress(texts, characters)` is called per batch tokenized."""
     if (directory / INDEX).is_file():
         return False
-    with _build_lock(directory):
+    with build_lock(directory):
         if (directory / INDEX).is_file():  # another process built it while this one waited
             return False
         settings = {**record, "shard_tokens": shard_tokens, "max_tokens": max_tokens}
@@ -165,25 +250,35 @@ def build_split(
                         progress(len(texts), sum(map(len, texts)))
                     yield number, texts
 
+        recorded = list(finished)  # the shards progress.json lists: what a resume keeps
         try:
-            for number, tokens in _encoded(todo(), encoder, num_proc):
-                offset = skip if number == resume_batch else 0  # tokens written before the cut
-                tokens = tokens[offset:]
-                if max_tokens is not None:
-                    tokens = tokens[: max_tokens - total]
-                start = 0
-                while start < len(tokens):
-                    take = min(len(tokens) - start, writer.room)
-                    writer.write(tokens[start : start + take])
-                    start, total = start + take, total + take
-                    if writer.room == 0:
-                        writer.finish_shard()
-                        resume = [number, offset + start]
-                        state = {"settings": settings, "shards": writer.finished, "resume": resume}
-                        write_json(directory / PROGRESS, state)
-                if max_tokens is not None and total >= max_tokens:
-                    break
-            writer.finish_shard()
+            with _stop_signals_raise(), closing(_encoded(todo(), encoder, num_proc)) as encoded:
+                for number, tokens in encoded:
+                    offset = skip if number == resume_batch else 0  # written before the cut
+                    tokens = tokens[offset:]
+                    if max_tokens is not None:
+                        tokens = tokens[: max_tokens - total]
+                    start = 0
+                    while start < len(tokens):
+                        take = min(len(tokens) - start, writer.room)
+                        writer.write(tokens[start : start + take])
+                        start, total = start + take, total + take
+                        if writer.room == 0:
+                            writer.finish_shard()
+                            resume = [number, offset + start]
+                            state = {
+                                "settings": settings,
+                                "shards": writer.finished,
+                                "resume": resume,
+                            }
+                            write_json(directory / PROGRESS, state)
+                            recorded = list(writer.finished)
+                    if max_tokens is not None and total >= max_tokens:
+                        break
+                writer.finish_shard()
+        except BuildStopped as stopped:
+            writer.abort()
+            _report_stop(stopped, directory, recorded)
         except BaseException:
             writer.abort()
             raise

@@ -1,8 +1,9 @@
 """Token storage beyond RAM: a split is a directory of fixed-size token shards plus `index.json`.
 
     tokens-<key>-train/
-        index.json         shard names, token counts, sha256 of each (recorded at write time),
-                           dtype, vocab size, tokenizer fingerprint
+        index.json         shard names, token counts, sha256 of each and how often each id
+                           occurs in it (recorded at write time), dtype, vocab size, tokenizer
+                           fingerprint
         shard-00000.bin    raw little-endian uint16 (uint32 where the vocab needs it), no header
         ...
 
@@ -10,15 +11,18 @@
 bounded by what is appended at once; `TokenShards` reads shards (or nanoGPT's flat uint16 `.bin`
 files) through memory maps as one sequence, slices crossing shard boundaries included. Opening
 checks only the index and the shards' sizes; `verify_split` re-hashes every shard on demand.
+The id counts recorded per shard give a split's unigram statistics without reading it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +61,29 @@ def write_json(path: Path, record: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(record, indent=1))
 
 
+def id_counts(tokens: np.ndarray) -> list[int]:
+    """How often each id occurs in `tokens`, up to the largest one (the form an index keeps)."""
+    return np.bincount(tokens).tolist() if len(tokens) else []
+
+
+@contextmanager
+def build_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock for building (or completing the index of) `directory`: other
+    processes (ranks of one run, runs sharing a data_dir) wait here, then find the index."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.with_name(directory.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class ShardWriter:
     """Appends tokens to `directory`'s shards of `shard_tokens` tokens each. A shard is written to
-    a temporary file, hashed as it is written, and renamed into place once full (or by `close`);
-    `finished` lists the shards done so far (name, tokens, sha256), continuing those given."""
+    a temporary file, hashed and its ids counted as it is written, and renamed into place once
+    full (or by `finish_shard`); `finished` lists the shards done so far (name, tokens, sha256,
+    counts), continuing those given."""
 
     def __init__(
         self, directory: Path, dtype: np.dtype, shard_tokens: int, finished: list[dict] = ()
@@ -87,9 +110,15 @@ class ShardWriter:
             self._tmp = self.directory / f".{name}.{os.getpid()}.tmp"
             self._file = open(self._tmp, "wb")
             self._digest = hashlib.sha256()
+            self._counts = np.zeros(0, np.int64)
         data = np.ascontiguousarray(tokens, dtype=self.dtype.newbyteorder("<")).tobytes()
         self._file.write(data)
         self._digest.update(data)
+        if len(tokens):
+            counts = np.bincount(np.asarray(tokens))
+            if len(counts) > len(self._counts):
+                self._counts = np.pad(self._counts, (0, len(counts) - len(self._counts)))
+            self._counts[: len(counts)] += counts
         self._count += len(tokens)
 
     def finish_shard(self) -> dict | None:
@@ -99,7 +128,12 @@ class ShardWriter:
         self._file.close()
         name = shard_name(len(self.finished))
         os.replace(self._tmp, self.directory / name)
-        record = {"name": name, "tokens": self._count, "sha256": self._digest.hexdigest()}
+        record = {
+            "name": name,
+            "tokens": self._count,
+            "sha256": self._digest.hexdigest(),
+            "counts": self._counts.tolist(),
+        }
         self.finished.append(record)
         self._file, self._count = None, 0
         return record
@@ -119,6 +153,8 @@ class TokenFile:
     dtype: str
     tokens: int
     sha256: str | None = None
+    # how often each id occurs (from the index; None where no index records it)
+    counts: list[int] | None = field(default=None, compare=False, repr=False)
 
 
 def read_index(directory: Path) -> dict[str, Any]:
@@ -138,9 +174,43 @@ def read_index(directory: Path) -> dict[str, Any]:
 def index_files(directory: Path) -> list[TokenFile]:
     index = read_index(directory)
     return [
-        TokenFile(Path(directory) / shard["name"], index["dtype"], shard["tokens"], shard["sha256"])
+        TokenFile(
+            Path(directory) / shard["name"],
+            index["dtype"],
+            shard["tokens"],
+            shard["sha256"],
+            shard.get("counts"),
+        )
         for shard in index["shards"]
     ]
+
+
+def ensure_counts(directory: Path) -> bool:
+    """Give an index written before shards recorded their id counts those counts: each shard is
+    read once, and the index rewritten with them (so no later start reads a shard). Returns
+    whether it counted; a directory that cannot be written is left as it is (its counts are then
+    computed when asked, as for token files made elsewhere)."""
+    index = read_index(directory)
+    if all("counts" in shard for shard in index["shards"]):
+        return False
+    if not os.access(directory, os.W_OK):
+        return False
+    with build_lock(Path(directory)):
+        index = read_index(directory)  # another process may have counted meanwhile
+        if all("counts" in shard for shard in index["shards"]):
+            return False
+        for file, shard in zip(index_files(directory), index["shards"], strict=True):
+            if "counts" not in shard:
+                if (problem := damaged(file, check_contents=False)) is not None:
+                    raise ShardError(f"token file {file.path} is {problem}")
+                shard["counts"] = id_counts(_memmap(file))
+        write_json(Path(directory) / INDEX, index)
+    return True
+
+
+def _memmap(file: TokenFile) -> np.ndarray:
+    dtype = np.dtype(file.dtype).newbyteorder("<")
+    return np.memmap(file.path, dtype=dtype, mode="r", shape=file.tokens)
 
 
 def damaged(file: TokenFile, check_contents: bool) -> str | None:
@@ -189,10 +259,7 @@ class TokenShards:
         self._open()
 
     def _open(self) -> None:
-        self._maps = [
-            np.memmap(f.path, dtype=np.dtype(f.dtype).newbyteorder("<"), mode="r", shape=f.tokens)
-            for f in self.files
-        ]
+        self._maps = [_memmap(f) for f in self.files]
         self._starts = np.cumsum([0] + [f.tokens for f in self.files])
 
     def _error(self, file: TokenFile, problem: str) -> ShardError:
@@ -238,16 +305,20 @@ class TokenShards:
         yield from self._maps
 
     def counts(self, vocab_size: int | None = None) -> np.ndarray:
-        """How often each id of the vocabulary (`vocab_size`, else this split's) occurs, read file
-        by file; an id outside it is an error naming its file."""
+        """How often each id of the vocabulary (`vocab_size`, else this split's) occurs: from the
+        counts each file's index records, else read file by file; an id outside it is an error
+        naming its file."""
         vocab_size = vocab_size or self.vocab_size
         total = np.zeros(vocab_size, np.int64)
         for file, piece in zip(self.files, self._maps, strict=True):
-            counts = np.bincount(piece, minlength=vocab_size)
+            if file.counts is not None:
+                counts = np.asarray(file.counts, np.int64)
+            else:
+                counts = np.bincount(piece, minlength=vocab_size)
             if len(counts) > vocab_size:
                 problem = f"holds id {len(counts) - 1}, outside the vocabulary of {vocab_size}"
                 raise self._error(file, problem)
-            total += counts
+            total[: len(counts)] += counts
         return total
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:

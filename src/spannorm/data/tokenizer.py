@@ -150,6 +150,33 @@ def _text_chunks(paths: Iterable[Path], chars_per_chunk: int = 1 << 20) -> Itera
                 yield "".join(lines)
 
 
+# Bytes of text per piece of a sample (a tokenizer trained on a sample sees it in such pieces).
+SAMPLE_PIECE_BYTES = 1 << 20
+
+
+def _sampled_chunks(paths: Sequence[Path], total: int, budget: int) -> Iterator[str]:
+    """At most `budget` bytes of the files' text (`total` bytes in all): pieces of whole lines,
+    about `SAMPLE_PIECE_BYTES` each, at evenly spaced offsets across all of it (its head, middle
+    and tail alike). Fixed by the files' contents and `budget`."""
+    piece = min(SAMPLE_PIECE_BYTES, budget)
+    count = budget // piece
+    sizes = [Path(path).stat().st_size for path in paths]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    for k in range(count):
+        offset = k * total // count
+        i = max(j for j, start in enumerate(starts) if start <= offset)
+        with open(paths[i], "rb") as f:
+            f.seek(offset - starts[i])
+            data = f.read(piece)
+        whole = len(data) == piece  # else the piece ends with its file
+        if offset > starts[i]:  # begin after the line the offset falls in
+            data = data[data.find(b"\n") + 1 :] if b"\n" in data else b""
+        if whole and b"\n" in data:  # end at the last whole line
+            data = data[: data.rfind(b"\n") + 1]
+        if data:
+            yield data.decode("utf-8", errors="ignore")
+
+
 def load_hf_tokenizer(tokenizer_file: str | os.PathLike | None) -> HFTokenizer:
     """The `tokenizers` file that `data.tokenizer_file` names, for `data.tokenizer=hf`."""
     if not tokenizer_file:
@@ -173,10 +200,13 @@ def build_tokenizer(
     vocab_size: int = 8192,
     tokenizer_file: str | os.PathLike | None = None,
     file_hash: Callable[[Path], str] = file_sha256,
+    train_bytes: int | None = None,
 ) -> Tokenizer:
     """A `byte` tokenizer, the `hf` tokenizer of `tokenizer_file`, or a `bpe` trained on
     `train_files` (plain text) and cached as JSON in `cache_dir` under a key of the files'
-    contents (`file_hash` of each), `vocab_size` and the format version."""
+    contents (`file_hash` of each), `vocab_size` and the format version. Files of more than
+    `train_bytes` bytes in all train it on a sample of that many (`_sampled_chunks`), which the
+    key then names; files within it (or `train_bytes` None) train it on all of their text."""
     if kind not in TOKENIZER_KINDS:
         raise ValueError(
             f"data.tokenizer={kind!r} is not a tokenizer; "
@@ -190,6 +220,10 @@ def build_tokenizer(
         raise ValueError("the bpe tokenizer needs at least one training file")
     key_parts = [file_hash(path) for path in train_files]
     key_parts += [f"vocab={vocab_size}", f"kind={kind}", f"format={BPE_FORMAT_VERSION}"]
+    total = sum(Path(path).stat().st_size for path in train_files)
+    sampled = train_bytes is not None and total > train_bytes
+    if sampled:
+        key_parts.append(f"sample_bytes={train_bytes}")
     key = hashlib.sha256("\n".join(key_parts).encode()).hexdigest()[:16]
     cache_path = Path(cache_dir) / f"tokenizer-bpe{vocab_size}-{key}.json"
     if cache_path.is_file():
@@ -198,8 +232,14 @@ def build_tokenizer(
         except Exception as error:  # tokenizers raises a bare Exception on a malformed file
             first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
             log.warning("rebuilding the corrupt tokenizer cache %s (%s)", cache_path, first_line)
-    tokenizer = BPETokenizer.train(_text_chunks(train_files), vocab_size=vocab_size)
+    texts = (
+        _sampled_chunks(list(train_files), total, train_bytes)
+        if sampled
+        else _text_chunks(train_files)
+    )
+    tokenizer = BPETokenizer.train(texts, vocab_size=vocab_size)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(cache_path)
-    print(f"trained a {tokenizer.vocab_size}-token BPE tokenizer -> {cache_path}")
+    trained_on = f"a {train_bytes:,}-byte sample of {total:,} bytes" if sampled else "all"
+    print(f"trained a {tokenizer.vocab_size}-token BPE tokenizer on {trained_on} -> {cache_path}")
     return tokenizer
