@@ -14,6 +14,16 @@ words, fixed seed), then, each in a fresh process:
 - times a start with the caches in place (`prepare_data` + `setup`, after the imports);
 - at the largest size, trains the default model for `--steps` steps with the bare loop of
   spannorm.bench and reports the wait for the next batch as a share of a step.
+
+    python scripts/benchmark_data.py --default-path --sizes-gb 0.25 1 [--repo DIR] [--work DIR]
+
+measures instead the path a user takes first: whole `train.py` processes with `data=text` and the
+default BPE tokenizer (trained by the build), a 1-block model, `trainer.max_steps=1` (validation
+limited to 4 batches), first on an empty data_dir (cold: corpus hashing, BPE training,
+tokenization), then twice with the caches in place (warm). Each reports the wall time of the whole
+process, the time from its start (interpreter, imports) to the first training step, and the peak
+RSS of the process and of its largest descendant (a tokenizing worker). `--repo` runs another
+checkout's `train.py` and package (a worktree of an older commit, for before/after numbers).
 """
 
 from __future__ import annotations
@@ -62,9 +72,9 @@ def write_corpus(path: Path, n_bytes: int, seed: int = 0) -> Path:
     return path
 
 
-def child(*args: str) -> dict:
-    """Run this script's `args` mode in a fresh process; its JSON result."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+def child(*args: str, repo: Path = REPO) -> dict:
+    """Run this script's `args` mode in a fresh process on `repo`'s package; its JSON result."""
+    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=False
     )
@@ -171,6 +181,95 @@ def mode_steps(corpus: Path, cache: Path, steps: int) -> dict:
     }
 
 
+def default_path_overrides(corpus: Path, cache: Path, run_dir: Path) -> list[str]:
+    """`train.py` overrides of the default data path at `corpus`: text files, BPE, 1 block, 1 step."""
+    return [
+        "data=text",
+        f"data.train_files={corpus / 'train.txt'}",
+        f"data.validation_files={corpus / 'validation.txt'}",
+        f"data.data_dir={cache}",
+        "model.n_layers=1",
+        "trainer.max_steps=1",
+        "+trainer.limit_val_batches=4",
+        f"hydra.run.dir={run_dir}",
+    ]
+
+
+def mode_default(repo: Path, corpus: Path, cache: Path, run_dir: Path, started: float) -> dict:
+    """One whole `train.py` of `repo` in this process (started at wall time `started`), as
+    `python train.py` runs it: the time to its first training step and its peak RSS."""
+    peaks: dict[int, float] = {}
+    stop = threading.Event()
+    sampler = threading.Thread(target=descendants_peak_rss_mib, args=(stop, peaks), daemon=True)
+    sampler.start()
+    from spannorm.training.lm import LanguageModel
+
+    first_step: list[float] = []
+    training_step = LanguageModel.training_step
+
+    def timed_training_step(self, *args, **kwargs):
+        if not first_step:
+            first_step.append(time.time())
+        return training_step(self, *args, **kwargs)
+
+    LanguageModel.training_step = timed_training_step
+    sys.argv = [str(repo / "train.py"), *default_path_overrides(corpus, cache, run_dir)]
+    import runpy
+
+    code = 0
+    try:
+        runpy.run_path(str(repo / "train.py"), run_name="__main__")
+    except SystemExit as exit:
+        code = exit.code or 0
+    stop.set()
+    sampler.join()
+    if code or not first_step:
+        raise RuntimeError(f"train.py exited {code} (first step reached: {bool(first_step)})")
+    return {
+        "first_step_s": first_step[0] - started,
+        "peak_rss_mib": peak_rss_mib(),
+        "worker_peak_rss_mib": max(peaks.values(), default=0.0),
+    }
+
+
+def default_path(args: argparse.Namespace, work: Path) -> dict:
+    """Cold and warm whole-process starts of the default path at each size (see the docstring)."""
+    repo = (args.repo or REPO).resolve()
+    commit = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    results = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "repo": str(repo),
+        "commit": commit,
+        "load_before": os.getloadavg(),
+        "sizes": {},
+    }
+    for size in sorted(args.sizes_gb):
+        corpus = work / f"{size}gb"
+        corpus.mkdir(exist_ok=True)
+        if not (corpus / "train.txt").is_file():
+            write_corpus(corpus / "validation.txt", 2 * 10**6, seed=2)
+            write_corpus(corpus / "train.txt", int(size * 1e9), seed=3)
+        cache = work / f"default-{commit}-{size}gb"
+        shutil.rmtree(cache, ignore_errors=True)
+        row = {}
+        for name in ("cold", "warm1", "warm2"):
+            run_dir = cache / "runs" / name
+            started = time.time()
+            measured = child(
+                "--mode", "default", "--repo", str(repo), "--corpus", str(corpus),
+                "--cache", str(cache / "data"), "--run-dir", str(run_dir),
+                "--started", repr(started), repo=repo,
+            )  # fmt: skip
+            measured["process_s"] = time.time() - started
+            row[name] = measured
+            print(size, name, measured, flush=True)
+        results["sizes"][str(size)] = row
+    results["load_after"] = os.getloadavg()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes-gb", type=float, nargs="+", default=[0.25, 0.5, 1.0])
@@ -182,9 +281,17 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--num-proc", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--default-path", action="store_true", help="whole train.py processes, BPE trained here"
+    )
+    parser.add_argument("--repo", type=Path, default=None, help="checkout whose train.py runs")
+    parser.add_argument("--run-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--started", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:  # a child process: one measurement, printed as JSON
-        if args.mode == "build":
+        if args.mode == "default":
+            result = mode_default(args.repo, args.corpus, args.cache, args.run_dir, args.started)
+        elif args.mode == "build":
             result = mode_build(args.corpus, args.cache, args.num_proc)
         elif args.mode == "encode_batch":
             result = mode_encode_batch(args.corpus)
@@ -197,6 +304,12 @@ def main() -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="benchmark_data-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.default_path:
+        results = default_path(args, work)
+        print(json.dumps(results, indent=1))
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=1) + "\n")
+        return
     sizes = sorted(args.sizes_gb)
     tokenizer_file = work / "tokenizer.json"
     if not tokenizer_file.is_file():
