@@ -146,9 +146,11 @@ def _encoded(
     except BaseException:
         # a stopped build (a signal, an error, the consumer gone) ends its workers now rather
         # than after the batches in flight, which nobody will read
-        for process in list(getattr(pool, "_processes", {}).values()):
+        for process in list((pool._processes or {}).values()):
             process.terminate()
-        pool.shutdown(wait=True, cancel_futures=True)
+        # nor wait, at exit, for a batch still being written into the pipe of workers now gone
+        pool._call_queue.cancel_join_thread()
+        pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
 

@@ -150,15 +150,18 @@ def _text_chunks(paths: Iterable[Path], chars_per_chunk: int = 1 << 20) -> Itera
                 yield "".join(lines)
 
 
-# Bytes of text per piece of a sample (a tokenizer trained on a sample sees it in such pieces).
+# Bytes of text per piece of a sample (a tokenizer trained on a sample sees it in such pieces),
+# and the fewest pieces a sample is cut into (so even a small one is spread over the corpus).
 SAMPLE_PIECE_BYTES = 1 << 20
+SAMPLE_MIN_PIECES = 64
 
 
 def _sampled_chunks(paths: Sequence[Path], total: int, budget: int) -> Iterator[str]:
     """At most `budget` bytes of the files' text (`total` bytes in all): pieces of whole lines,
-    about `SAMPLE_PIECE_BYTES` each, at evenly spaced offsets across all of it (its head, middle
-    and tail alike). Fixed by the files' contents and `budget`."""
-    piece = min(SAMPLE_PIECE_BYTES, budget)
+    of up to `SAMPLE_PIECE_BYTES` each (at least `SAMPLE_MIN_PIECES` of them), at evenly spaced
+    offsets across all of it (its head, middle and tail alike). Fixed by the files' contents and
+    `budget`."""
+    piece = max(min(SAMPLE_PIECE_BYTES, budget // SAMPLE_MIN_PIECES), min(budget, 4096))
     count = budget // piece
     sizes = [Path(path).stat().st_size for path in paths]
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
