@@ -20,7 +20,8 @@ words, fixed seed), then, each in a fresh process:
 measures instead the path a user takes first: whole `train.py` processes with `data=text` and the
 default BPE tokenizer (trained by the build), a 1-block model, `trainer.max_steps=1` (validation
 limited to 4 batches), first on an empty data_dir (cold: corpus hashing, BPE training,
-tokenization), then twice with the caches in place (warm). Each reports the wall time of the whole
+tokenization), then `--starts` times with the caches in place (warm; `--warm-only`: these alone,
+on the caches an earlier run left). Each reports the wall time of the whole
 process, the time from its start (interpreter, imports) to the first training step, and the peak
 RSS of the process and of its largest descendant (a tokenizing worker). `--repo` runs another
 checkout's `train.py` and package (a worktree of an older commit, for before/after numbers).
@@ -252,10 +253,13 @@ def default_path(args: argparse.Namespace, work: Path) -> dict:
             write_corpus(corpus / "validation.txt", 2 * 10**6, seed=2)
             write_corpus(corpus / "train.txt", int(size * 1e9), seed=3)
         cache = work / f"default-{commit}-{size}gb"
-        shutil.rmtree(cache, ignore_errors=True)
+        names = [f"warm{i}" for i in range(1, args.starts + 1)]
+        if not args.warm_only:  # else: the caches a previous run left
+            shutil.rmtree(cache, ignore_errors=True)
+            names.insert(0, "cold")
         row = {}
-        for name in ("cold", "warm1", "warm2"):
-            run_dir = cache / "runs" / name
+        for name in names:
+            run_dir = cache / "runs" / f"{name}-{time.time_ns()}"
             started = time.time()
             measured = child(
                 "--mode", "default", "--repo", str(repo), "--corpus", str(corpus),
@@ -265,6 +269,9 @@ def default_path(args: argparse.Namespace, work: Path) -> dict:
             measured["process_s"] = time.time() - started
             row[name] = measured
             print(size, name, measured, flush=True)
+        for key in ("first_step_s", "process_s", "peak_rss_mib"):
+            warm = [row[name][key] for name in names if name.startswith("warm")]
+            row[f"warm_{key}_median"] = statistics.median(warm) if warm else None
         results["sizes"][str(size)] = row
     results["load_after"] = os.getloadavg()
     return results
@@ -285,6 +292,9 @@ def main() -> None:
         "--default-path", action="store_true", help="whole train.py processes, BPE trained here"
     )
     parser.add_argument("--repo", type=Path, default=None, help="checkout whose train.py runs")
+    parser.add_argument(
+        "--warm-only", action="store_true", help="--default-path: only warm starts, on the caches"
+    )
     parser.add_argument("--run-dir", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--started", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,10 +81,7 @@ class FileSource(TextSource):
         return files["train"] if self.builder == "text" else None
 
     def open(self, files: dict[str, list[Path]]) -> dict[str, Any]:
-        # Local files need no hub: keep `datasets` from looking there (set before its import,
-        # which reads it; a hub source in the same process is then offline too, as it would be
-        # under HF_HUB_OFFLINE=1 given by the user).
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        # `datasets` reads local files with its packaged builders, without the hub
         import datasets
 
         options = {"sample_by": self.sample_by} if self.builder == "text" else {}
