@@ -73,9 +73,9 @@ def write_corpus(path: Path, n_bytes: int, seed: int = 0) -> Path:
     return path
 
 
-def child(*args: str, repo: Path = REPO) -> dict:
-    """Run this script's `args` mode in a fresh process on `repo`'s package; its JSON result."""
-    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "1"}
+def child(*args: str) -> dict:
+    """Run this script's `args` mode in a fresh process; its JSON result."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=False
     )
@@ -198,11 +198,8 @@ def default_path_overrides(corpus: Path, cache: Path, run_dir: Path) -> list[str
 
 def mode_default(repo: Path, corpus: Path, cache: Path, run_dir: Path, started: float) -> dict:
     """One whole `train.py` of `repo` in this process (started at wall time `started`), as
-    `python train.py` runs it: the time to its first training step and its peak RSS."""
-    peaks: dict[int, float] = {}
-    stop = threading.Event()
-    sampler = threading.Thread(target=descendants_peak_rss_mib, args=(stop, peaks), daemon=True)
-    sampler.start()
+    `python train.py` runs it: the time to its first training step. (Its parent samples its
+    memory: `repo` may predate this script's helpers.)"""
     from spannorm.training.lm import LanguageModel
 
     first_step: list[float] = []
@@ -222,25 +219,43 @@ def mode_default(repo: Path, corpus: Path, cache: Path, run_dir: Path, started: 
         runpy.run_path(str(repo / "train.py"), run_name="__main__")
     except SystemExit as exit:
         code = exit.code or 0
-    stop.set()
-    sampler.join()
     if code or not first_step:
         raise RuntimeError(f"train.py exited {code} (first step reached: {bool(first_step)})")
+    return {"first_step_s": first_step[0] - started}
+
+
+def watched_child(repo: Path, *args: str) -> dict:
+    """`child`, with the peak RSS of the process and of its largest descendant (a tokenizing
+    worker) sampled from here while it runs."""
+    from spannorm.bench.memory import PeakRSSWatch
+
+    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, __file__, *args], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    watch = PeakRSSWatch(process.pid, descendants=True, interval=0.2).start()
+    out, err = process.communicate()
+    watch.stop(final_sample=False)  # the child is reaped: its pid may name another process
+    if process.returncode != 0:
+        raise RuntimeError(f"{args} failed:\n{out[-3000:]}\n{err[-3000:]}")
     return {
-        "first_step_s": first_step[0] - started,
-        "peak_rss_mib": peak_rss_mib(),
-        "worker_peak_rss_mib": max(peaks.values(), default=0.0),
+        **json.loads(out.strip().splitlines()[-1]),
+        "peak_rss_mib": watch.root_mib,
+        "worker_peak_rss_mib": watch.largest_descendant_mib,
     }
 
 
 def default_path(args: argparse.Namespace, work: Path) -> dict:
     """Cold and warm whole-process starts of the default path at each size (see the docstring)."""
+    from spannorm.bench.machine import describe_machine
+
     repo = (args.repo or REPO).resolve()
     commit = subprocess.run(
         ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
     results = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": describe_machine(),
         "repo": str(repo),
         "commit": commit,
         "load_before": os.getloadavg(),
@@ -261,10 +276,10 @@ def default_path(args: argparse.Namespace, work: Path) -> dict:
         for name in names:
             run_dir = cache / "runs" / f"{name}-{time.time_ns()}"
             started = time.time()
-            measured = child(
-                "--mode", "default", "--repo", str(repo), "--corpus", str(corpus),
+            measured = watched_child(
+                repo, "--mode", "default", "--repo", str(repo), "--corpus", str(corpus),
                 "--cache", str(cache / "data"), "--run-dir", str(run_dir),
-                "--started", repr(started), repo=repo,
+                "--started", repr(started),
             )  # fmt: skip
             measured["process_s"] = time.time() - started
             row[name] = measured

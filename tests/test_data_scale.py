@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, tiny_overrides
-from hydra import compose, initialize_config_dir
 
 from spannorm.cli import friendly_errors
 from spannorm.cli.train import train
 from spannorm.data import TextDataModule, build_tokenizer, tokenizer
+
+from helpers import compose_config, tiny_overrides
 
 LINES = [
     f"line {i:06d}: the quick brown fox jumps over the lazy dog {i % 97}.\n" for i in range(40000)
@@ -185,8 +185,7 @@ def test_a_bad_count_option_is_one_line_saying_what_is_right(
     tiny_corpus, tmp_path, capsys, option, message
 ):
     overrides = [f"data.{option}", "trainer.max_steps=1", f"run_dir={tmp_path / 'run'}"]
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose("train", tiny_overrides(tiny_corpus, *overrides))
+    cfg = compose_config(tiny_overrides(tiny_corpus, *overrides))
     with pytest.raises(SystemExit) as exit:
         friendly_errors(train)(cfg)
     assert exit.value.code == 2
@@ -209,4 +208,28 @@ def test_a_json_row_whose_text_is_not_a_string_is_named(tmp_path):
     assert str(error.value) == (
         "data.text_field='text': row 5 of the train split holds int '12345', not text; "
         "data.text_field must name a column of strings"
+    )
+
+
+@pytest.mark.slow
+def test_the_default_path_benchmark_runs_on_a_tiny_corpus(tmp_path):
+    """scripts/benchmark_data.py --default-path (whole train.py processes, cold then warm) runs:
+    at 0.25 GB it runs for many minutes before it reports, so a failure should show here first."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_data", Path(__file__).parents[1] / "scripts" / "benchmark_data.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(sizes_gb=[0.0003], repo=None, starts=1, warm_only=False)
+    (row,) = bench.default_path(args, tmp_path)["sizes"].values()
+    for name in ("cold", "warm1"):
+        assert 0 < row[name]["first_step_s"] < row[name]["process_s"]
+        assert row[name]["peak_rss_mib"] > 100
+    assert list(
+        (tmp_path / next(tmp_path.glob("default-*")).name / "data" / "cache").glob(
+            "tokenizer-bpe8192-*.json"
+        )
     )
