@@ -148,8 +148,12 @@ def _encoded(
         # than after the batches in flight, which nobody will read
         for process in list((pool._processes or {}).values()):
             process.terminate()
-        # nor wait, at exit, for a batch still being written into the pipe of workers now gone
+        # Nor may the exit wait on the pipes of workers now gone: not for the batch still being
+        # written to them, nor for the rest of a result one of them had begun to send (closing
+        # this process's end of the result pipe, which it never writes, lets the reading thread
+        # see that no more will come).
         pool._call_queue.cancel_join_thread()
+        pool._result_queue._writer.close()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
