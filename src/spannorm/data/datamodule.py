@@ -108,7 +108,8 @@ def data_vocab_size(data: Any) -> int:
     """The vocabulary a model needs for the `data` config, known before any data is built:
     the token files' for a token source, 257 for `byte`, the file's for `hf`, `vocab_size` for
     `bpe` (its most)."""
-    given = source_class(data.source).vocab_size_of(data)
+    source = REGISTRY.get(data.source)  # an unknown one is reported when the module is made
+    given = source.vocab_size_of(data) if source is not None else None
     if given is not None:
         return given
     if data.tokenizer == "byte":
@@ -357,8 +358,7 @@ class TextDataModule(L.LightningDataModule):
                     max_tokens=self.corpus.max_tokens(split),
                     progress=progress,
                 )
-            if not built:
-                ensure_counts(directory)
+            ensure_counts(directory)  # an index written without them (or resumed from such)
             rebuild = (
                 f"delete {directory} and start again to rebuild it "
                 "(python -m spannorm.data verify checks every shard)"
