@@ -167,23 +167,42 @@ class BuildStopped(BaseException):
         self.signum = signum
 
 
-@contextmanager
-def _stop_signals_raise() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGINT raise BuildStopped (in the main thread only: signals
-    are delivered there), so the build can say what it kept before the process ends."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class _StopSignals:
+    """While entered, SIGTERM and SIGINT raise BuildStopped (in the main thread only: signals are
+    delivered there), so the build can say what it kept before the process ends; within
+    `deferred()` one waits for the end of the block, so that a shard put in place is also
+    recorded as kept."""
 
-    def stop(signum: int, frame: Any) -> None:
+    def __init__(self) -> None:
+        self.pending: int | None = None
+        self.deferring = False
+        self.previous: dict[int, Any] = {}
+
+    def _stop(self, signum: int, frame: Any) -> None:
+        if self.deferring:
+            self.pending = signum
+            return
         raise BuildStopped(signum)
 
-    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self.previous[signum] = signal.signal(signum, self._stop)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending is not None:
+            raise BuildStopped(self.pending)
 
 
 def _report_stop(stopped: BuildStopped, directory: Path, finished: list[dict]) -> None:
@@ -258,7 +277,7 @@ def build_split(
 
         recorded = list(finished)  # the shards progress.json lists: what a resume keeps
         try:
-            with _stop_signals_raise(), closing(_encoded(todo(), encoder, num_proc)) as encoded:
+            with _StopSignals() as stops, closing(_encoded(todo(), encoder, num_proc)) as encoded:
                 for number, tokens in encoded:
                     offset = skip if number == resume_batch else 0  # written before the cut
                     tokens = tokens[offset:]
@@ -270,18 +289,20 @@ def build_split(
                         writer.write(tokens[start : start + take])
                         start, total = start + take, total + take
                         if writer.room == 0:
-                            writer.finish_shard()
-                            resume = [number, offset + start]
-                            state = {
-                                "settings": settings,
-                                "shards": writer.finished,
-                                "resume": resume,
-                            }
-                            write_json(directory / PROGRESS, state)
-                            recorded = list(writer.finished)
+                            with stops.deferred():  # in place and recorded, or neither
+                                writer.finish_shard()
+                                resume = [number, offset + start]
+                                state = {
+                                    "settings": settings,
+                                    "shards": writer.finished,
+                                    "resume": resume,
+                                }
+                                write_json(directory / PROGRESS, state)
+                                recorded = list(writer.finished)
                     if max_tokens is not None and total >= max_tokens:
                         break
-                writer.finish_shard()
+                with stops.deferred():
+                    writer.finish_shard()
         except BuildStopped as stopped:
             writer.abort()
             _report_stop(stopped, directory, recorded)
