@@ -93,6 +93,23 @@ def compose_config(overrides: Sequence[str] = (), config: str = "train", **optio
         return compose(config, overrides=list(overrides), **options)
 
 
+def text_datamodule(root: Path, **options):
+    """A TextDataModule over `root`/train.txt and `root`/validation.txt, byte tokens in windows
+    of 16, caches in `root`/data; `options` replace any setting. Nothing is built yet."""
+    from spannorm.data import TextDataModule
+
+    settings = dict(
+        source="text",
+        train_files=str(root / "train.txt"),
+        validation_files=str(root / "validation.txt"),
+        tokenizer="byte",
+        seq_len=16,
+        batch_size=4,
+        data_dir=str(root / "data"),
+    )
+    return TextDataModule(**{**settings, **options})
+
+
 TINY_MODEL = dict(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
 
 

@@ -27,6 +27,8 @@ from spannorm.data import (
     shakespeare,
 )
 
+from helpers import text_datamodule
+
 PLAY_MD = """# Julius Caesar
 
 ## ACT I$
@@ -162,16 +164,9 @@ def test_packed_blocks_are_shifted_pairs():
 
 
 def _text_module(tmp_path: Path, **options) -> TextDataModule:
-    settings = dict(
-        source="text",
-        train_files=str(tmp_path / "train.txt"),
-        validation_files=[str(tmp_path / "validation.txt")],
-        tokenizer="byte",
-        seq_len=16,
-        batch_size=4,
-        data_dir=str(tmp_path / "data"),
+    return text_datamodule(
+        tmp_path, **{"validation_files": [str(tmp_path / "validation.txt")], **options}
     )
-    return TextDataModule(**{**settings, **options})
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from spannorm.cli import friendly_errors
 from spannorm.cli.train import train
 from spannorm.data import TextDataModule, build_tokenizer, tokenizer
 
-from helpers import compose_config, tiny_overrides
+from helpers import compose_config, text_datamodule, tiny_overrides
 
 LINES = [
     f"line {i:06d}: the quick brown fox jumps over the lazy dog {i % 97}.\n" for i in range(40000)
@@ -100,17 +100,8 @@ def test_the_data_module_passes_its_bound_to_the_bpe_training(corpus, trained_on
 
 
 def _module(root: Path, **options) -> TextDataModule:
-    settings = dict(
-        source="text",
-        train_files=str(root / "a.txt"),
-        validation_files=str(root / "validation.txt"),
-        tokenizer="byte",
-        seq_len=16,
-        batch_size=2,
-        shard_tokens=100_000,
-        data_dir=str(root / "data"),
-    )
-    module = TextDataModule(**{**settings, **options})
+    settings = dict(train_files=str(root / "a.txt"), batch_size=2, shard_tokens=100_000)
+    module = text_datamodule(root, **{**settings, **options})
     module.setup("fit")
     return module
 

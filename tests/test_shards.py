@@ -16,7 +16,7 @@ from spannorm.cli.train import train
 from spannorm.data import PackedBlocks, ShardError, TextDataModule, build, datamodule, filehash
 from spannorm.data.__main__ import main as data_main
 
-from helpers import compose_config, tiny_overrides
+from helpers import compose_config, text_datamodule, tiny_overrides
 
 PARAGRAPHS = [f"Paragraph {i}: naïve café {'ab' * (i % 7)}.\nLine {i}." for i in range(60)]
 
@@ -29,17 +29,7 @@ def corpus(tmp_path: Path) -> Path:
 
 
 def _module(root: Path, **options) -> TextDataModule:
-    settings = dict(
-        source="text",
-        train_files=str(root / "train.txt"),
-        validation_files=str(root / "validation.txt"),
-        tokenizer="byte",
-        seq_len=16,
-        batch_size=2,
-        data_dir=str(root / "data"),
-        num_proc=1,
-    )
-    module = TextDataModule(**{**settings, **options})
+    module = text_datamodule(root, **{"batch_size": 2, "num_proc": 1, **options})
     module.setup("fit")
     return module
 
