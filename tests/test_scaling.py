@@ -25,6 +25,7 @@ import torch
 from torch.testing import assert_close
 
 from spannorm.analysis.scalars import read_scalars
+from spannorm.tags import LAYER_METRICS
 from spannorm.training.checkpointing import consolidate_checkpoint
 
 from helpers import REPO, compose_config, tiny_overrides
@@ -120,7 +121,8 @@ def test_the_global_batch_trains_the_same_whatever_the_processes_and_micro_batch
 def test_monitors_log_the_global_batch_like_one_process(runs, run):
     expected, actual = monitored(runs["batch16"]), monitored(runs[run])
     assert {t.split("/")[0] for t in expected} == {"layers", "moe", "train"}
-    assert len([t for t in expected if t.startswith("layers/")]) == 6 * 2  # 6 metrics x 2 blocks
+    layer_tags = [t for t in expected if t.startswith("layers/")]
+    assert len(layer_tags) == len(LAYER_METRICS) * 2  # every per-block metric of the 2 blocks
     assert sorted(actual) == sorted(expected)
     for tag, series in expected.items():
         steps = [step for step, _ in series]
