@@ -236,7 +236,7 @@ def test_placement_grid_study_reports_the_committed_grid_as_before(tmp_path):
     assert committed == text.replace(f"`{study.summaries}`", "`docs/results/grid/runs`")
 
 
-@pytest.mark.parametrize("name", ["placement_grid", "lr_transfer", "budget_x4", "moe", "collapse"])
+@pytest.mark.parametrize("name", ["placement_grid", "lr_transfer", "budget_x1", "budget_x4", "moe", "collapse"])
 def test_committed_studies_load(name):
     study = load_study(name, REPO / "conf")
     assert study.dir == Path("outputs/studies") / name
@@ -259,3 +259,34 @@ def test_the_representation_table_is_recomputed_from_the_64_block_summaries():
         expected = sum(means) / len(means)
         row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
         assert f"{expected:.4f}" in row.split("|")[3], (row, expected)
+
+
+def test_a_study_of_deep_runs_alone_reports_their_representations(tmp_path):
+    """Depth set once for the whole study (its overrides, no depth stage): the report still has the
+    representations of its runs, each variant at its best cell (here lr 3e-3 for prenorm)."""
+    runs = []
+    for norm, lr, seed, loss in [
+        ("prenorm", 3e-3, 1, 4.9),
+        ("prenorm", 6e-3, 1, 5.0),
+        ("spannorm", 6e-3, 1, 4.7),
+    ]:
+        run = summary(norm, lr, 300, seed, loss, layers=64)
+        erank = 20.0 if (norm, lr) == ("prenorm", 3e-3) else 40.0 if norm == "spannorm" else 99.0
+        run["profiles"] = {"cos": [0.5] * 48 + [0.9] * 16, "erank": [10.0] * 63 + [erank]}
+        runs.append(run)
+    directory = tmp_path / "runs"
+    directory.mkdir()
+    for run in runs:
+        (directory / f"{run['name']}.json").write_text(json.dumps(run))
+    (tmp_path / "study.yaml").write_text(
+        STUDY.split("stages:")[0].replace("variants:", "overrides: {model.n_layers: 64}\nvariants:")
+        + "summaries: runs\nreport: out/deep.md\n"
+    )
+    study = load_study(str(tmp_path / "study.yaml"), REPO / "conf")
+    study.summaries, study.report_dir = directory, tmp_path / "out" / "deep.md"
+    written = report(study)
+    assert tmp_path / "out" / "representations.png" in written
+    text = (tmp_path / "out" / "deep.md").read_text()
+    section = text.split("## Representations at the end of training (64 blocks")[1]
+    prenorm = next(line for line in section.splitlines() if line.startswith("| prenorm |"))
+    assert "0.9000" in prenorm and "20.0000" in prenorm, prenorm  # not the 6e-3 run's 99

@@ -777,8 +777,7 @@ def report(study: Study) -> list[Path]:
             )
     depths = [s["settings"].get("model.n_layers") for s in summaries]
     depths = [int(d) for d in depths if isinstance(d, int | float)]
-    base_depth = study.base.get("model.n_layers")
-    if depths and isinstance(base_depth, int) and max(depths) > base_depth:
+    if depths:  # the deepest runs: a depth stage's last setting, or every run of a deep study
         deepest = max(depths)
         if r.plot_gradient_profiles(deepest, out / "gradient_profiles.png"):
             written.append(out / "gradient_profiles.png")
