@@ -236,7 +236,9 @@ def test_placement_grid_study_reports_the_committed_grid_as_before(tmp_path):
     assert committed == text.replace(f"`{study.summaries}`", "`docs/results/grid/runs`")
 
 
-@pytest.mark.parametrize("name", ["placement_grid", "lr_transfer", "budget_x1", "budget_x4", "moe", "collapse"])
+@pytest.mark.parametrize(
+    "name", ["placement_grid", "lr_transfer", "budget_x1", "budget_x4", "moe", "collapse"]
+)
 def test_committed_studies_load(name):
     study = load_study(name, REPO / "conf")
     assert study.dir == Path("outputs/studies") / name
