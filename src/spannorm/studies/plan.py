@@ -1,8 +1,10 @@
 """The jobs of a study, stage by stage and phase by phase.
 
-A grid stage has two phases: its cells (every variant that is tuned x every grid cell x every seed,
-at each of the stage's settings), then its best (more seeds at each variant's best cell, and the
-variants that run at another's best cell). A transfer stage (cells: best) has one phase: each
+A grid stage has three phases: its cells (every variant that is tuned x every grid cell x every
+seed, at each of the stage's settings); its edge (where a variant's best cell sits at the edge of
+the grid on an axis the study extends, the next value past it, with the cells' seeds; re-planned
+until no best cell sits at a tried edge with an untried value beyond it); then its best (more seeds
+at each variant's best cell, and the variants that run at another's best cell). A transfer stage (cells: best) has one phase: each
 variant's best cell of its source stage (and, optionally, the cells next to it on a grid axis) at
 each of the stage's settings. A phase that needs a best cell waits until the phase it comes from has
 finished; `plan` marks such jobs as waiting rather than guessing.
@@ -19,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from spannorm.studies.results import Key, Results, grid_cells, same
+from spannorm.studies.results import Key, Results, grid_cells, same, same_cell
 from spannorm.studies.spec import Stage, Study
 
 
@@ -27,12 +29,12 @@ from spannorm.studies.spec import Stage, Study
 class Job:
     name: str
     stage: str
-    phase: str  # "cells" | "best"
+    phase: str  # "cells" | "edge" | "best"
     variant: str
     setting: Key
     cell: Key
     seed: int
-    role: str  # grid | best seed | at <variant>'s best | best | neighbour
+    role: str  # grid | edge | best seed | at <variant>'s best | best | neighbour
     values: dict[str, Any] = field(default_factory=dict)  # every config key the job sets
 
 
@@ -89,19 +91,62 @@ def make_job(
     return Job(name, stage.name, phase, variant, setting, cell, seed, role, values)
 
 
+def axis_values(study: Study, axis: str) -> list:
+    """A grid axis's values with its extension (`extend`), in order (numbers sorted)."""
+    values = [*study.grid[axis], *study.extend.get(axis, [])]
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        return sorted(values)
+    return values
+
+
+def edge_cells(study: Study, cell: Key) -> list[Key]:
+    """The cells next to `cell`, along each axis the study extends, whose value is one of the
+    extension's (the grid's own cells have run already): none while `cell` is inside the grid."""
+    found = []
+    for axis in study.extend:
+        ordered = axis_values(study, axis)
+        here = dict(cell)[axis]
+        i = next((j for j, v in enumerate(ordered) if same(v, here)), None)
+        if i is None:  # a run at a value the study does not list (added by hand): no edge
+            continue
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(ordered) and not any(same(ordered[j], v) for v in study.grid[axis]):
+                found.append(tuple((k, ordered[j] if k == axis else v) for k, v in cell))
+    return found
+
+
+def extension_walk(
+    study: Study, results: Results, variant: str, setting: Key, seeds: list[int]
+) -> list[Key]:
+    """The extension cells `variant` runs at `setting`: from the best cell of the grid, each
+    extension value next to the best of the cells tried so far, while the last ones tried have
+    finished runs (a cell not run yet is the walk's last step until it has)."""
+    tried: list[Key] = []
+    while True:
+        best = results.best_cell(variant, setting, seeds=seeds, within=grid_cells(study) + tried)
+        if best is None:
+            return tried
+        new = [c for c in edge_cells(study, best) if not any(same_cell(c, t) for t in tried)]
+        if not new:
+            return tried
+        tried += new
+        finished = results.cells(variant, setting)
+        if not all(
+            any(same_cell(c, f) and results.losses(finished[f]) for f in finished) for c in new
+        ):
+            return tried
+
+
 def neighbour_cells(study: Study, cell: Key, neighbours: dict[str, str]) -> list[Key]:
     """The cells next to `cell` along each axis of `neighbours` ("below": the next lower value,
     the next higher where there is none; "above": the reverse; "both": each that exists)."""
     found = []
     for axis, side in neighbours.items():
-        values = study.grid[axis]
-        ordered = (
-            sorted(values)
-            if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
-            else list(values)
-        )
+        ordered = axis_values(study, axis)
         here = dict(cell)[axis]
-        i = next(j for j, v in enumerate(ordered) if same(v, here))
+        i = next((j for j, v in enumerate(ordered) if same(v, here)), None)
+        if i is None:
+            continue
         lower = [ordered[i - 1]] if i > 0 else []
         higher = [ordered[i + 1]] if i + 1 < len(ordered) else []
         picks = {
@@ -138,6 +183,15 @@ def stage_phases(study: Study, stage: Stage, results: Results) -> list[Phase]:
                         make_job(study, stage, "cells", variant, setting, cell, seed, "grid")
                     )
         phases.append(cells_phase)
+        edge_phase = Phase(stage.name, "edge", [])
+        for setting in settings:
+            for variant in tuned if study.extend else []:
+                for cell in extension_walk(study, results, variant, setting, stage.seeds):
+                    for seed in seeds_of(study, variant, stage.seeds):
+                        edge_phase.jobs.append(
+                            make_job(study, stage, "edge", variant, setting, cell, seed, "edge")
+                        )
+        phases.append(edge_phase)
         best_phase = Phase(stage.name, "best", [], waiting_for=f"the cells of stage {stage.name}")
         for setting in settings:
             for variant in [*tuned, *followers]:

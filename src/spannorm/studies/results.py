@@ -132,12 +132,21 @@ class Results:
         values = self.losses(runs)
         return statistics.mean(values) if values else math.nan
 
-    def best_cell(self, variant: str, setting: Key, seeds: list[int] | None = None) -> Key | None:
+    def best_cell(
+        self,
+        variant: str,
+        setting: Key,
+        seeds: list[int] | None = None,
+        within: list[Key] | None = None,
+    ) -> Key | None:
         """The cell of `variant` at `setting` with the lowest mean among those with at least
         `min_seeds` finished runs (any number if no cell has that many yet); ties: grid order.
         With `seeds`, only those seeds' runs count (and `min_seeds` is at most their number):
-        where a grid stage puts its extra seeds is decided by the seeds every cell has."""
+        where a grid stage puts its extra seeds is decided by the seeds every cell has. With
+        `within`, only those cells compete."""
         cells = self.cells(variant, setting)
+        if within is not None:
+            cells = {c: runs for c, runs in cells.items() if any(same_cell(c, w) for w in within)}
         need_seeds = self.study.min_seeds
         if seeds is not None:
             chosen = set(seeds)
@@ -162,6 +171,12 @@ class Results:
         cells = self.cells(variant, setting)
         top = self.mean(cells[best])
         return [c for c, runs in cells.items() if self.mean(runs) <= top + width]
+
+
+def same_cell(a: Key, b: Key) -> bool:
+    return len(a) == len(b) and all(
+        ka == kb and same(va, vb) for (ka, va), (kb, vb) in zip(a, b, strict=True)
+    )
 
 
 def grid_cells(study: Study) -> list[Key]:

@@ -6,6 +6,7 @@
       sandwich: {model.norm: sandwich}
       spannorm: {model.norm: spannorm}
     grid: {optim.lr: [3.0e-3, 6.0e-3], optim.warmup_steps: [150, 300]}   # the tuning grid
+    extend: {optim.lr: [1.0e-3, 1.2e-2]}   # tried next where a best cell sits at the grid's edge
     seeds: [1, 2]
     best_seeds: [3]                    # more seeds at each variant's best cell
     stages:                            # default: one stage, the grid
@@ -36,6 +37,7 @@ FIELDS = {
     "overrides": "config keys and group choices every job gets",
     "variants": "what is compared: name -> config keys (or {set, at_best_of, seeds, stages})",
     "grid": "the tuning grid: config key -> values",
+    "extend": "values past the grid's edges, run where a best cell sits at an edge: {optim.lr: [2.0e-2]}",
     "seeds": "the seeds of every cell",
     "best_seeds": "more seeds at each variant's best cell",
     "stages": "the stages: grid stages and transfer stages (cells: best)",
@@ -108,6 +110,7 @@ class Study:
     variants: dict[str, Variant]
     grid: dict[str, list]
     stages: list[Stage]
+    extend: dict[str, list] = field(default_factory=dict)  # grid key -> values past its edges
     metric: str = "final_val_loss"
     plateau_margin: float = 0.3
     band: float = 0.05
@@ -203,6 +206,29 @@ def read_study(path: Path, changes: list[str] = ()) -> dict:
     return data
 
 
+def _extend(path: Path, value: Any, grid: dict[str, list]) -> dict[str, list]:
+    """`extend`: for a numeric grid key, values beyond its lowest or highest value."""
+    extend = _mapping(f"{path}: extend", value, "{optim.lr: [2.0e-2]}")
+    out = {}
+    for key, values in extend.items():
+        where = f"{path}: extend {key}"
+        if key not in grid:
+            raise UsageError(f"{where}: {key} is not a grid key ({', '.join(grid)})")
+        values = _values(where, values)
+        numbers = [*grid[key], *values]
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers):
+            raise UsageError(f"{where}: the grid and its extension must be numbers: {numbers}")
+        low, high = min(grid[key]), max(grid[key])
+        inside = [v for v in values if low <= v <= high]
+        if inside:
+            raise UsageError(
+                f"{where}: {inside} lie within the grid's range [{low}, {high}]; extend lists "
+                "values below the lowest or above the highest (add the others to the grid)"
+            )
+        out[str(key)] = sorted(values)
+    return out
+
+
 def parse_study(
     data: dict, path: Path, training_overrides: dict[str, Any], group_choices: dict[str, str]
 ) -> Study:
@@ -269,6 +295,7 @@ def parse_study(
     for key, values in grid.items():
         if len(set(map(repr, values))) != len(values):
             raise UsageError(f"{path}: grid key {key} lists a value twice: {values}")
+    extend = _extend(path, data.get("extend"), grid)
     seeds = _seeds(f"{path}: seeds", data.get("seeds", [1]))
     best_seeds = _seeds(f"{path}: best_seeds", data.get("best_seeds", []), allow_empty=True)
 
@@ -366,6 +393,7 @@ def parse_study(
         variants=variants,
         grid=grid,
         stages=stages,
+        extend=extend,
         metric=metric,
         plateau_margin=float(data.get("plateau_margin", 0.3)),
         band=float(data.get("band", 0.05)),
