@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 SECONDS_BUDGET=${GPU_STUDIES_SECONDS:-520}
 OUT=${OUT:-outputs/gpu_studies}
-mkdir -p "$OUT"
+mkdir -p "$OUT" outputs
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 export SPANNORM_DATA_DIR=${SPANNORM_DATA_DIR:-data}
 # GPU_STUDIES_ARGS replaces the GPU overrides (a dry run on CPU: "trainer.accelerator=cpu")
@@ -71,7 +71,8 @@ for entry in "$@"; do
   jobs_at_once=${entry#*:}
   [[ $jobs_at_once == "$entry" ]] && jobs_at_once=2
   names+=("$name")
-  "$PYTHON" study.py study="$name" run "${GPU[@]}" hydra/launcher=joblib \
+  # its own process group, so that stopping it stops its jobs and nobody else's
+  setsid "$PYTHON" study.py study="$name" run "${GPU[@]}" hydra/launcher=joblib \
     hydra.launcher.n_jobs="$jobs_at_once" >"outputs/gpu_studies_$name.log" 2>&1 &
   pids+=($!)
 done
@@ -101,9 +102,9 @@ while (($(elapsed) < SECONDS_BUDGET)); do
   done
   echo "$(elapsed) s: $n runs finished"
 done
-for pid in "${pids[@]}"; do kill -- "$pid" 2>/dev/null; done
-pkill -f "train.py -m" 2>/dev/null
+for pid in "${pids[@]}"; do kill -- -"$pid" 2>/dev/null; done
 sleep 2
+for pid in "${pids[@]}"; do kill -9 -- -"$pid" 2>/dev/null; done
 pack
 for name in "${names[@]}"; do
   echo "== $name"
