@@ -188,7 +188,9 @@ def test_cli_run_logs_every_namespace_an_image_and_hparams(monitored_run):
     assert scalars["hp/final_val_loss"][-1][1] == pytest.approx(scalars["val/loss"][-1][1])
     events = EventAccumulator(str(monitored_run / "tb")).Reload()
     assert events.Tags()["images"] == ["layers/profile"]
-    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
+    start = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    for key in ("model.norm", "model.qk_norm", "model.embed_norm", "model.alpha", "optim.lr"):
+        assert key.encode() in start, key  # the HPARAMS tab's columns, in the plugin's protobuf
 
 
 @pytest.mark.slow
