@@ -1,17 +1,22 @@
 """The study planner on summaries written by the test (no training): where a variant's best cell
 sits at the edge of the grid, the study's `extend` values are tried next, one at a time, until the
-best is inside what was tried; the best seeds then go to the extended best."""
+best is inside what was tried; the best seeds then go to the extended best. And the runner's
+launch of a phase whose multirun dies."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
+import time
 
 import pytest
 
 from spannorm.errors import UsageError
 from spannorm.studies.plan import plan
 from spannorm.studies.results import Results, load_summaries
-from spannorm.studies.runner import load_study
+from spannorm.studies.runner import StudyLog, launch, load_study
 
 from helpers import REPO
 
@@ -122,3 +127,32 @@ def test_a_bad_extension_is_one_line_before_any_job(tmp_path, extend, message):
     with pytest.raises(UsageError) as error:
         phases_of(tmp_path, text)
     assert message in str(error.value) and "\n" not in str(error.value), error.value
+
+
+def test_the_study_goes_on_when_the_multirun_exits_but_its_workers_hold_its_output(tmp_path):
+    """A multirun that died leaves a parallel launcher's workers behind, holding its output open:
+    the study takes the multirun's exit status and goes on instead of waiting for them."""
+    pid_file = tmp_path / "worker.pid"
+    worker = (
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    )
+    multirun = (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {worker!r}])\n"
+        "print('multirun output', flush=True)\n"
+        "time.sleep(1)\n"
+        "sys.exit(3)\n"
+    )
+    log = StudyLog(tmp_path / "study.log")
+    started = time.monotonic()
+    try:
+        status = launch([sys.executable, "-c", multirun], log, linger_s=1.0)
+        took = time.monotonic() - started
+    finally:
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert status == 3
+    assert took < 30, took  # the worker sleeps for 60 s
+    text = (tmp_path / "study.log").read_text()
+    assert "multirun output" in text
+    assert "still hold its output after 1 s; going on without them" in text

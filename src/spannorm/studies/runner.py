@@ -20,6 +20,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -192,18 +193,39 @@ def multirun_command(study: Study, jobs: list[Job], train_script: Path, launcher
     ]
 
 
-def launch(command: list[str], log: StudyLog) -> int:
-    """Run the multirun, its output on the console and in the study log; its exit status."""
+def launch(command: list[str], log: StudyLog, linger_s: float = 30.0) -> int:
+    """Run the multirun, its output on the console and in the study log; its exit status.
+
+    The study goes on when the multirun's own process exits, also when processes it started
+    (a parallel launcher's workers, left behind by a multirun that died) still hold its output
+    open: their output is copied while it comes, and after `linger_s` seconds the study no
+    longer waits for it."""
     with log.path.open("a", encoding="utf-8") as out:
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
         assert process.stdout is not None
+
+        def copy_output() -> None:
+            with process.stdout:
+                for line in process.stdout:
+                    sys.stdout.write(line)
+                    try:
+                        out.write(line)
+                    except ValueError:  # the log is closed: the study went on without it
+                        pass
+
+        reader = threading.Thread(target=copy_output, daemon=True)
+        reader.start()
         try:
-            for line in process.stdout:
-                sys.stdout.write(line)
-                out.write(line)
-            return process.wait()
+            status = process.wait()
+            reader.join(timeout=linger_s)
+            if reader.is_alive():
+                log(
+                    f"the multirun ended (exit status {status}), but processes it started still "
+                    f"hold its output after {linger_s:.0f} s; going on without them"
+                )
+            return status
         except BaseException:
             process.terminate()  # a cut study (Ctrl-C): the job saves its checkpoint and stops
             try:
