@@ -208,10 +208,12 @@ def launch(command: list[str], log: StudyLog, linger_s: float = 30.0) -> int:
 
         def copy_output() -> None:
             with process.stdout:
-                for line in process.stdout:
+                for line in process.stdout:  # each line flushed: `tail -f` sees the progress
                     sys.stdout.write(line)
+                    sys.stdout.flush()
                     try:
                         out.write(line)
+                        out.flush()
                     except ValueError:  # the log is closed: the study went on without it
                         pass
 
