@@ -292,3 +292,43 @@ def test_a_study_of_deep_runs_alone_reports_their_representations(tmp_path):
     section = text.split("## Representations at the end of training (64 blocks")[1]
     prenorm = next(line for line in section.splitlines() if line.startswith("| prenorm |"))
     assert "0.9000" in prenorm and "20.0000" in prenorm, prenorm  # not the 6e-3 run's 99
+
+
+def test_keeping_one_depths_best_cell_at_another_is_the_difference_of_the_cell_means(tmp_path):
+    """The grid at two depths: each variant's loss at a depth when it runs the other depth's best
+    cell, against its own best there (the cost of not adjusting the learning rate)."""
+    runs = [
+        summary("prenorm", 3e-3, 150, 1, 4.90, layers=8),
+        summary("prenorm", 3e-3, 150, 2, 4.80, layers=8),  # best at 8: 4.85
+        summary("prenorm", 6e-3, 150, 1, 4.95, layers=8),
+        summary("prenorm", 6e-3, 150, 2, 4.91, layers=8),  # 4.93
+        summary("prenorm", 3e-3, 150, 1, 5.10, layers=16),
+        summary("prenorm", 3e-3, 150, 2, 5.00, layers=16),  # 5.05
+        summary("prenorm", 6e-3, 150, 1, 4.70, layers=16),
+        summary("prenorm", 6e-3, 150, 2, 4.74, layers=16),  # best at 16: 4.72
+        summary("spannorm", 3e-3, 150, 1, 4.60, layers=8),
+        summary("spannorm", 3e-3, 150, 1, 4.60, layers=16),  # spannorm: one cell, best at both
+    ]
+    directory = tmp_path / "runs"
+    directory.mkdir()
+    for run in runs:
+        (directory / f"{run['name']}.json").write_text(json.dumps(run))
+    text = STUDY.split("stages:")[0] + (
+        "stages:\n  - {name: tune, set: {model.n_layers: [8, 16]}}\nmin_seeds: 1\n"
+        "summaries: runs\nreport: out/depths.md\n"
+    )
+    (tmp_path / "study.yaml").write_text(text)
+    study = load_study(str(tmp_path / "study.yaml"), REPO / "conf")
+    study.summaries, study.report_dir = directory, tmp_path / "out" / "depths.md"
+    report(study)
+    page = (tmp_path / "out" / "depths.md").read_text()
+    section = page.split("## Keeping one setting's best cell at the others")[1].split("\n## ")[0]
+    prenorm = section.split("prenorm:")[1].split("spannorm:")[0]
+    rows = [line for line in prenorm.splitlines() if line.startswith("| blocks")]
+    # tuned at 8 (lr 3e-3) used at 16: 5.05 - 4.72; tuned at 16 (lr 6e-3) used at 8: 4.93 - 4.85
+    assert rows[0].split("|")[2:4] == [" 0 (its best) ", " +0.3300 (2) "], rows
+    assert rows[1].split("|")[2:4] == [" +0.0800 (2) ", " 0 (its best) "], rows
+    assert (
+        "| blocks 8: lr 3e-3, warm-up 150 | 0 (its best) | 0 (its best) |"
+        in section.split("spannorm:")[1]
+    )

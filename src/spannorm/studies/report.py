@@ -23,7 +23,15 @@ from matplotlib.lines import Line2D
 from spannorm.analysis.compare import format_number, markdown_table, mean_spread
 from spannorm.errors import UsageError
 from spannorm.studies.plan import value_text
-from spannorm.studies.results import Key, Place, Results, load_summaries, metric_value, same
+from spannorm.studies.results import (
+    Key,
+    Place,
+    Results,
+    load_summaries,
+    metric_value,
+    same,
+    same_cell,
+)
 from spannorm.studies.spec import Study
 from spannorm.studies.stats import average_ranks, paired_summary
 
@@ -165,6 +173,30 @@ class Report:
             f"({'/'.join(map(label, study.grid))})",
             "runs that left the plateau",
         ]
+        return markdown_table(header, rows)
+
+    def keeping_table(self, variant: str, settings: list[Key]) -> str | None:
+        """What `variant` loses at each setting (columns) by running another setting's best cell
+        (rows) instead of its own: the mean at the borrowed cell minus the mean at its own best,
+        with the borrowed cell's finished runs; – where the borrowed cell was not run there."""
+        best = {s: self.results.best_cell(variant, s) for s in settings}
+        known = [s for s in settings if best[s] is not None]
+        if len(known) < 2:
+            return None
+        rows = []
+        for source in known:
+            row = [f"{setting_text(source)}: {cell_text(best[source])}"]
+            for used in known:
+                cells = self.results.cells(variant, used)
+                borrowed = next((c for c in cells if same_cell(c, best[source])), None)
+                if borrowed is None or not self.losses(cells[borrowed]):
+                    row.append("–")
+                    continue
+                lost = self.mean(cells[borrowed]) - self.mean(cells[best[used]])
+                n = len(self.losses(cells[borrowed]))
+                row.append("0 (its best)" if borrowed == best[used] else f"+{lost:.4f} ({n})")
+            rows.append(row)
+        header = ["best cell of \\ used at", *(setting_text(s) for s in known)]
         return markdown_table(header, rows)
 
     def grid_tables(self, variant: str, setting: Key) -> tuple[str, str]:
@@ -737,6 +769,19 @@ def report(study: Study) -> list[Path]:
             sections.append(
                 f"## The variants side by side{at}\n\n{r.metric.capitalize()} (mean ± std, runs) "
                 "[plateau escape step of each run]:\n\n" + r.side_by_side_table(setting, side)
+            )
+    if several:
+        tables = [(v, r.keeping_table(v, settings)) for v in tuned]
+        tables = [(v, t) for v, t in tables if t]
+        if tables:
+            sections.append(
+                "## Keeping one setting's best cell at the others\n\n"
+                f"What each variant loses ({r.metric}, nats) at a setting (column) when it runs "
+                "another setting's best cell (row) instead of its own best there: the mean at "
+                "the borrowed cell minus the mean at the column's best, (finished runs at the "
+                "borrowed cell); – where that cell was not run at that setting. Compare with the "
+                "seed spreads in the tables above.\n\n"
+                + "\n\n".join(f"{v}:\n\n{t}" for v, t in tables)
             )
     for first, second in itertools.combinations(list(study.variants), 2):
         text = r.paired_section(first, second)
