@@ -213,7 +213,7 @@ class LayerStatsMonitor(L.Callback):
         return min(max(wanted, 0), batch_size)
 
     def _record_attention(self, index: int, attn, args, output) -> None:
-        if self._micro_batch or not self._first_call(("attn", index)):
+        if not self._first_call(("attn", index)):
             return
         sequences = self._sequences_measured(args[0].shape[0])
         if sequences:
