@@ -13,9 +13,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from spannorm.bench.bare import BareLoop, quiet_trainer
-from spannorm.bench.memory import PeakRSSWatch, peak_rss_mib, run_logged
+from spannorm.bench.memory import PeakRSSWatch, run_logged
 from spannorm.bench.stats import Ratio, median_interval, paired_ratio
 from spannorm.bench.timing import StepClock, interleaved_rounds
+from spannorm.memory import peak_rss_mib
 from spannorm.model.layers import rope_tables, rotate
 from spannorm.training.lm import LanguageModel
 

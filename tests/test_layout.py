@@ -1,5 +1,5 @@
-"""The package's shape: no import circles, the command line imported by nobody in the package,
-and runs saved before the package took its layout still resume, evaluate and export."""
+"""The package's shape: no import circles, the command line and the benchmarks' harness imported
+by nobody else in the package, and runs saved before the package took its layout still resume, evaluate and export."""
 
 from __future__ import annotations
 
@@ -94,13 +94,20 @@ def test_no_import_circle_in_the_package():
     assert circles(import_graph()) == []
 
 
-def test_nothing_outside_the_command_line_imports_it():
+@pytest.mark.parametrize("leaf", ["spannorm.cli", "spannorm.bench"])
+def test_nothing_outside_the_command_line_or_the_benchmarks_imports_them(leaf):
+    """The command line and the benchmarks' harness are leaves: entry scripts, scripts/ and
+    tests use them, no other module of the package does."""
+
+    def inside(module: str) -> bool:
+        return module == leaf or module.startswith(f"{leaf}.")
+
     offenders = {
-        module: sorted(m for m in imports if m == "spannorm.cli" or m.startswith("spannorm.cli."))
+        module: sorted(m for m in imports if inside(m))
         for module, imports in import_graph().items()
-        if not (module == "spannorm.cli" or module.startswith("spannorm.cli."))
+        if not inside(module)
     }
-    assert {module: cli for module, cli in offenders.items() if cli} == {}
+    assert {module: found for module, found in offenders.items() if found} == {}
 
 
 def test_the_model_is_pure_torch():

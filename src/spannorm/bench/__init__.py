@@ -3,11 +3,13 @@
 - `timing`: clocks, a timed call, interleaved rounds of several arms, and `StepClock`, the
   Lightning callback that times a `train.py` run's steps;
 - `stats`: paired ratios of two arms measured side by side, their median and its interval;
-- `memory`: peak resident memory of a process (and of the processes below it), page faults;
+- `memory`: peak resident memory of a process and of the processes below it, sampled while they
+  run (the reading itself is `spannorm.memory`'s, which the throughput monitor uses too), page
+  faults;
 - `machine`: the machine and its load, as the results describe them;
 - `bare`: `BareLoop`, the training step without Lightning, and the runs built on it;
 - `twin`: `TwinClock`, a `StepClock` that interleaves a bare-loop twin into a `train.py` run.
 
-This file imports nothing, so that `spannorm.bench.memory` stays importable from the monitors
-(`spannorm.callbacks.throughput`) without loading the rest.
+A leaf: the scripts and tests use it, and no module of the package outside it imports it
+(tests/test_layout.py checks this).
 """

@@ -18,9 +18,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from spannorm.bench.memory import minor_faults, peak_rss_mib
+from spannorm.bench.memory import minor_faults
 from spannorm.bench.timing import RunTiming
 from spannorm.data.prepare import build_datamodule
+from spannorm.memory import peak_rss_mib
 from spannorm.training.memory import keep_freed_memory
 
 

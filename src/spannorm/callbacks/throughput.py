@@ -25,8 +25,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from spannorm.bench.memory import peak_rss_mib
 from spannorm.callbacks import log_scalars, sum_over_processes
+from spannorm.memory import peak_rss_mib
 from spannorm.model.moe import MoE
 
 # dense bf16 tensor-core peak per GPU, FLOP/s (NVIDIA datasheets; H100/H200: SXM)
@@ -81,7 +81,7 @@ def peak_flops(device: torch.device, configured: float | None) -> tuple[float, s
 
 def peak_memory_mib(device: torch.device) -> float:
     """Peak allocated CUDA memory on GPU, else the process's peak resident set size, in MiB (read
-    as spannorm.bench.memory says why)."""
+    as spannorm.memory says why)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return peak_rss_mib()
