@@ -5,8 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import run_entry, tiny_overrides, write_corpus
+
+# The tests' own computations run on one torch thread, like the train.py processes they start
+# (run_entry sets OMP_NUM_THREADS=1): on a 2-core machine that also runs something else, torch's
+# second worker thread waits at every barrier for a core it lost (docs/performance.md). Measured
+# on the shared 2-core machine under load: seven test files took 330-335 s with torch's default
+# two threads, 124 s with one.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
