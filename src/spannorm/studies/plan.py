@@ -3,10 +3,10 @@
 A grid stage has three phases: its cells (every variant that is tuned x every grid cell x every
 seed, at each of the stage's settings); its edge (where a variant's best cell sits at the edge of
 the grid on an axis the study extends, the next value past it, with the cells' seeds; re-planned
-until no best cell sits at a tried edge with an untried value beyond it); then its best (more seeds
-at each variant's best cell, and the variants that run at another's best cell). A transfer stage (cells: best) has one phase: each
-variant's best cell of its source stage (and, optionally, the cells next to it on a grid axis) at
-each of the stage's settings. A phase that needs a best cell waits until the phase it comes from has
+until no best cell sits at a tried edge with an untried value beyond it); then its best (more
+seeds at each variant's best cell, and the variants that run at another's best cell). A transfer
+stage (cells: best) has one phase: each variant's best cell of its source stage (and, optionally,
+the cells next to it on a grid axis) at each of the stage's settings. A phase that needs a best cell waits until the phase it comes from has
 finished; `plan` marks such jobs as waiting rather than guessing.
 
 A job's name says what it is, `<variant>_<stage key><value>_<grid key><value>_s<seed>`
@@ -21,8 +21,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from spannorm.studies.results import Key, Results, grid_cells, same, same_cell
-from spannorm.studies.spec import Stage, Study
+from spannorm.studies.results import Key, Results, grid_cells, same
+from spannorm.studies.spec import Stage, Study, all_numbers
 
 
 @dataclass
@@ -94,9 +94,7 @@ def make_job(
 def axis_values(study: Study, axis: str) -> list:
     """A grid axis's values with its extension (`extend`), in order (numbers sorted)."""
     values = [*study.grid[axis], *study.extend.get(axis, [])]
-    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-        return sorted(values)
-    return values
+    return sorted(values) if all_numbers(values) else values
 
 
 def edge_cells(study: Study, cell: Key) -> list[Key]:
@@ -120,20 +118,19 @@ def extension_walk(
 ) -> list[Key]:
     """The extension cells `variant` runs at `setting`: from the best cell of the grid, each
     extension value next to the best of the cells tried so far, while the last ones tried have
-    finished runs (a cell not run yet is the walk's last step until it has)."""
+    finished runs (a cell not run yet is the walk's last step until it has). Cells are compared
+    as the study spells their values (Results places every run so)."""
     tried: list[Key] = []
     while True:
         best = results.best_cell(variant, setting, seeds=seeds, within=grid_cells(study) + tried)
         if best is None:
             return tried
-        new = [c for c in edge_cells(study, best) if not any(same_cell(c, t) for t in tried)]
+        new = [c for c in edge_cells(study, best) if c not in tried]
         if not new:
             return tried
         tried += new
         finished = results.cells(variant, setting)
-        if not all(
-            any(same_cell(c, f) and results.losses(finished[f]) for f in finished) for c in new
-        ):
+        if not all(results.losses(finished.get(c, [])) for c in new):
             return tried
 
 

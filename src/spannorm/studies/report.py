@@ -23,15 +23,7 @@ from matplotlib.lines import Line2D
 from spannorm.analysis.compare import format_number, markdown_table, mean_spread
 from spannorm.errors import UsageError
 from spannorm.studies.plan import value_text
-from spannorm.studies.results import (
-    Key,
-    Place,
-    Results,
-    load_summaries,
-    metric_value,
-    same,
-    same_cell,
-)
+from spannorm.studies.results import Key, Place, Results, load_summaries, metric_value, same
 from spannorm.studies.spec import Study
 from spannorm.studies.stats import average_ranks, paired_summary
 
@@ -188,13 +180,14 @@ class Report:
             row = [f"{setting_text(source)}: {cell_text(best[source])}"]
             for used in known:
                 cells = self.results.cells(variant, used)
-                borrowed = next((c for c in cells if same_cell(c, best[source])), None)
-                if borrowed is None or not self.losses(cells[borrowed]):
+                losses = self.losses(cells.get(best[source], []))
+                if not losses:
                     row.append("–")
-                    continue
-                lost = self.mean(cells[borrowed]) - self.mean(cells[best[used]])
-                n = len(self.losses(cells[borrowed]))
-                row.append("0 (its best)" if borrowed == best[used] else f"+{lost:.4f} ({n})")
+                elif best[source] == best[used]:
+                    row.append("0 (its best)")
+                else:
+                    lost = statistics.mean(losses) - self.mean(cells[best[used]])
+                    row.append(f"+{lost:.4f} ({len(losses)})")
             rows.append(row)
         header = ["best cell of \\ used at", *(setting_text(s) for s in known)]
         return markdown_table(header, rows)

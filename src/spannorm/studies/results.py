@@ -96,7 +96,8 @@ class Results:
         cell = []
         for key, values in self.study.grid.items():
             have = self.value(summary, key)
-            match = next((v for v in values if same(v, have)), have)  # the grid's spelling
+            spelt = [*values, *self.study.extend.get(key, [])]
+            match = next((v for v in spelt if same(v, have)), have)  # the study's spelling
             cell.append((key, match))
         return Place(variant, self.canonical(setting), tuple(cell))
 
@@ -146,7 +147,7 @@ class Results:
         `within`, only those cells compete."""
         cells = self.cells(variant, setting)
         if within is not None:
-            cells = {c: runs for c, runs in cells.items() if any(same_cell(c, w) for w in within)}
+            cells = {c: runs for c, runs in cells.items() if c in within}
         need_seeds = self.study.min_seeds
         if seeds is not None:
             chosen = set(seeds)
@@ -171,12 +172,6 @@ class Results:
         cells = self.cells(variant, setting)
         top = self.mean(cells[best])
         return [c for c, runs in cells.items() if self.mean(runs) <= top + width]
-
-
-def same_cell(a: Key, b: Key) -> bool:
-    return len(a) == len(b) and all(
-        ka == kb and same(va, vb) for (ka, va), (kb, vb) in zip(a, b, strict=True)
-    )
 
 
 def grid_cells(study: Study) -> list[Key]:

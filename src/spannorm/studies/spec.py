@@ -206,6 +206,11 @@ def read_study(path: Path, changes: list[str] = ()) -> dict:
     return data
 
 
+def all_numbers(values: list) -> bool:
+    """Every value an int or a float (True and False are not numbers here)."""
+    return all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+
+
 def _extend(path: Path, value: Any, grid: dict[str, list]) -> dict[str, list]:
     """`extend`: for a numeric grid key, values beyond its lowest or highest value."""
     extend = _mapping(f"{path}: extend", value, "{optim.lr: [2.0e-2]}")
@@ -216,7 +221,7 @@ def _extend(path: Path, value: Any, grid: dict[str, list]) -> dict[str, list]:
             raise UsageError(f"{where}: {key} is not a grid key ({', '.join(grid)})")
         values = _values(where, values)
         numbers = [*grid[key], *values]
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers):
+        if not all_numbers(numbers):
             raise UsageError(f"{where}: the grid and its extension must be numbers: {numbers}")
         low, high = min(grid[key]), max(grid[key])
         inside = [v for v in values if low <= v <= high]
