@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 ARGS ?=
+# test files run in this many processes at once (pytest-xdist; a file's tests stay in one
+# process, so its shared runs are made once); 0 runs them in this process, one after another
+TEST_JOBS ?= 2
 
 .PHONY: install train test lint clean-outputs
 
@@ -21,7 +24,7 @@ train: install  ## train the default model on the embedded Shakespeare corpus (C
 	$(PY) train.py $(ARGS)
 
 test: lint  ## lint, then the test suite (what CI runs)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile $(ARGS)
 
 # every Python file git does not ignore (ruff finds them: the entry scripts, src, scripts, tests
 # and any other), so a new file cannot slip past it; under a second, so `make test` runs it first.

@@ -11,7 +11,16 @@ from spannorm.training.optim import OptimConfig
 
 from helpers import compose_config, optim_options
 
-DELETE = object()
+
+class _Delete:
+    """The marker for "remove this key" (its repr is stable, so test ids are the same in every
+    process that collects them)."""
+
+    def __repr__(self) -> str:
+        return "DELETE"
+
+
+DELETE = _Delete()
 
 
 @pytest.fixture(scope="module")
