@@ -7,7 +7,8 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 ARGS ?=
 # test files run in this many processes at once (pytest-xdist; a file's tests stay in one
-# process, so its shared runs are made once); 0 runs them in this process, one after another
+# process, so a file's shared runs are made once, a session-wide one once in each process that
+# uses it); 0 runs them in this process, one after another
 TEST_JOBS ?= 2
 
 .PHONY: install train test lint clean-outputs

@@ -1,5 +1,6 @@
 """The package's shape: no import circles, the command line and the benchmarks' harness imported
-by nobody else in the package, and runs saved before the package took its layout still resume, evaluate and export."""
+by nobody else in the package, and runs saved before the package took its layout still resume,
+evaluate and export."""
 
 from __future__ import annotations
 

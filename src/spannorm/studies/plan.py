@@ -6,8 +6,9 @@ the grid on an axis the study extends, the next value past it, with the cells' s
 until no best cell sits at a tried edge with an untried value beyond it); then its best (more
 seeds at each variant's best cell, and the variants that run at another's best cell). A transfer
 stage (cells: best) has one phase: each variant's best cell of its source stage (and, optionally,
-the cells next to it on a grid axis) at each of the stage's settings. A phase that needs a best cell waits until the phase it comes from has
-finished; `plan` marks such jobs as waiting rather than guessing.
+the cells next to it on a grid axis) at each of the stage's settings. A phase that needs a best
+cell waits until the phase it comes from has finished; `plan` marks such jobs as waiting rather
+than guessing.
 
 A job's name says what it is, `<variant>_<stage key><value>_<grid key><value>_s<seed>`
 (e.g. `spannorm_L16_lr6e-3_w300_s1`), a stage key left out where it has its base value, so that the
