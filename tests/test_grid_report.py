@@ -132,6 +132,42 @@ def test_report_writes_tables_with_escapes_and_depth(tmp_path):
     assert "at step 50" in text
 
 
+def test_training_curves_follow_each_variants_best_cell_and_the_gap_between_them(tmp_path):
+    def curve(run, values):
+        return {**run, "val_loss": [[99 + 100 * i, v] for i, v in enumerate(values)]}
+
+    runs = [
+        curve(summary("prenorm", 3e-3, 150, 1, 4.90), [6.0, 5.4, 5.1, 4.90]),
+        curve(summary("prenorm", 3e-3, 150, 2, 4.80), [6.2, 5.2, 5.0, 4.80]),
+        curve(summary("prenorm", 6e-3, 150, 1, 5.00), [5.0, 5.0, 5.0, 5.00]),
+        curve(summary("prenorm", 6e-3, 150, 2, 5.10), [5.0, 5.0, 5.0, 5.10]),
+        # a run whose last validation is missing: the mean is over the steps every run logged
+        curve(summary("spannorm", 1e-2, 300, 1, 4.70), [6.1, 5.0, 4.8, 4.70]),
+        curve(summary("spannorm", 1e-2, 300, 2, 4.70), [6.1, 5.2, 4.8]),
+    ]
+    study, r = write(tmp_path, runs)
+    curves = r.best_curves(AT32)
+    assert list(curves) == ["prenorm", "spannorm"]
+    assert curves["prenorm"][0] == cell(3e-3, 150) and curves["spannorm"][0] == cell(1e-2, 300)
+    assert curves["spannorm"][2] == pytest.approx({99: 6.1, 199: 5.1, 299: 4.8})
+    table = r.curves_table(curves)
+    assert (
+        "| prenorm (3e-3/150, 2 runs) | spannorm (1e-2/300, 2 runs) | spannorm - prenorm |" in table
+    )
+    # steps every variant logged: 100, 200, 300 (quarter marks of 300 steps: the nearest ones)
+    assert "| 100 | 6.1000 | 6.1000 | 0.0000 |" in table
+    assert "| 300 | 5.0500 | 4.8000 | -0.2500 |" in table
+    assert "| 400 |" not in table
+    names = [p.name for p in report(study)]
+    assert "training_curves.png" in names
+    text = (tmp_path / "out" / "grid.md").read_text()
+    assert "## Validation loss during training (blocks 32)" in text
+    # summaries without curves (runs made before they were kept): no section, no figure
+    (tmp_path / "old").mkdir()
+    _, r = write(tmp_path / "old")
+    assert r.best_curves(AT32) == {} and not r.plot_training_curves({}, AT32, tmp_path / "x.png")
+
+
 def test_heatmap_scale_is_capped_above_the_best_so_a_plateau_run_does_not_flatten_it():
     # a PostNorm run on the plateau (6.42) beside tuned runs (4.68-4.90)
     assert heatmap_range([4.68, 4.90, 6.42]) == (4.68, 4.68 + 0.75, True)

@@ -4,7 +4,8 @@ run summaries alone, so every number in it can be recomputed from the committed 
 For each setting the grid ran at: each variant's best cell and band (the cells whose mean is within
 `band` nats of its best), heat maps over the grid, the variants side by side, and each variant's
 grid with every run's plateau escape step. Then every pair of variants compared run against run
-with the same setting, cell and seed (spannorm.studies.stats); the transfer stages (loss against
+with the same setting, cell and seed (spannorm.studies.stats); the validation loss during training
+at each variant's best cell (does a lead open, hold or close?); the transfer stages (loss against
 each stage key, and each variant's curve over the first grid key at each setting); final loss
 against plateau escape; the per-block gradient of the deepest runs; and a row per run.
 """
@@ -474,6 +475,102 @@ class Report:
         figure.savefig(path, dpi=100)
         return True
 
+    def best_curves(self, setting: Key) -> dict[str, tuple[Key, list[list], dict[int, float]]]:
+        """{variant: (its best cell, each run's validation curve, the seed-mean curve)} for the
+        tuned variants at `setting`; a curve is [[step, loss], ...] from the summaries; the mean
+        is over the steps every run of the cell logged with a finite loss."""
+        found = {}
+        for variant in self.study.tuned:
+            best = self.results.best_cell(variant, setting)
+            if best is None:
+                continue
+            curves = [
+                [(int(step), float(v)) for step, v in run["val_loss"] if v is not None]
+                for run in self.results.cells(variant, setting)[best]
+                if len(run.get("val_loss") or []) >= 2
+            ]
+            if not curves:
+                continue
+            finite = [{s: v for s, v in c if math.isfinite(v)} for c in curves]
+            common = sorted(set.intersection(*(set(f) for f in finite)))
+            found[variant] = (
+                best,
+                curves,
+                {s: statistics.mean(f[s] for f in finite) for s in common},
+            )
+        return found
+
+    def curves_table(self, curves: dict) -> str:
+        """The seed-mean validation loss of each variant's best cell at a quarter, half, three
+        quarters and all of the steps (the logged step nearest each) and, for two variants, the
+        difference: does a lead open, hold or close during training?"""
+        variants = list(curves)
+        steps = sorted(set.intersection(*(set(mean) for _, _, mean in curves.values())))
+        if not steps:
+            return ""
+        last = steps[-1]
+        marks = sorted(
+            {
+                min(steps, key=lambda s, q=q: abs(s + 1 - q * (last + 1)))
+                for q in (0.25, 0.5, 0.75, 1)
+            }
+        )
+        rows = []
+        for step in marks:
+            values = [curves[v][2][step] for v in variants]
+            row = [str(step + 1), *(format_number(x) for x in values)]
+            if len(variants) == 2:
+                row.append(format_number(values[1] - values[0]))
+            rows.append(row)
+        header = [
+            "step",
+            *(
+                f"{v} ({cell_short(curves[v][0])}, {len(curves[v][1])} run{'s' * (len(curves[v][1]) > 1)})"
+                for v in variants
+            ),
+        ]
+        if len(variants) == 2:
+            header.append(f"{variants[1]} - {variants[0]}")
+        return markdown_table(header, rows)
+
+    def plot_training_curves(self, curves: dict, setting: Key, path: Path) -> bool:
+        """Validation loss against step at each variant's best cell (each run thin, the seed
+        mean thick) and, for two or more variants, each one's seed mean minus the first's."""
+        if not curves:
+            return False
+        variants = list(curves)
+        figure = Figure(figsize=(11 if len(variants) > 1 else 6, 4), layout="constrained")
+        panels = figure.subplots(1, 2 if len(variants) > 1 else 1, squeeze=False)[0]
+        axes = panels[0]
+        low = min(v for _, _, mean in curves.values() for v in mean.values())
+        for i, (variant, (best, runs, mean)) in enumerate(curves.items()):
+            color = f"C{i % 10}"
+            for run in runs:
+                axes.plot(*zip(*run, strict=True), color=color, linewidth=0.8, alpha=0.4)
+            steps = sorted(mean)
+            axes.plot(steps, [mean[s] for s in steps], color=color, linewidth=2,
+                      label=f"{variant}, {cell_text(best)} ({len(runs)} run{'s' * (len(runs) > 1)})")  # fmt: skip
+        axes.set_ylim(low - 0.05, low + 1.5)
+        axes.set(xlabel="step", ylabel="val loss (nats)",
+                 title="each variant's best cell" + (f" ({setting_text(setting)})" if setting else ""))  # fmt: skip
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+        if len(variants) > 1:
+            axes = panels[1]
+            first = curves[variants[0]][2]
+            for i, variant in enumerate(variants[1:], start=1):
+                mean = curves[variant][2]
+                steps = sorted(set(first) & set(mean))
+                axes.plot(steps, [mean[s] - first[s] for s in steps], "o-", markersize=3,
+                          color=f"C{i % 10}", label=f"{variant} - {variants[0]}")  # fmt: skip
+            axes.axhline(0, color="black", linewidth=0.8)
+            axes.set(xlabel="step", ylabel="difference of seed means (nats)",
+                     title="below 0: lower than " + variants[0])  # fmt: skip
+            axes.grid(alpha=0.3)
+            axes.legend(fontsize=7)
+        figure.savefig(path, dpi=100)
+        return True
+
     def escape_points(self, setting: Key) -> dict[str, list[tuple]]:
         """{variant: [(escape step or None, metric, second grid key's value)]} at `setting`, for
         each run that finished without diverging."""
@@ -788,6 +885,19 @@ def report(study: Study) -> list[Path]:
                 f"## {variant}{at}\n\n{r.metric.capitalize()}:\n\n{loss_table}\n\n"
                 f"Plateau escape step of each seed (first step whose train loss is "
                 f"{study.plateau_margin} nats below the unigram baseline):\n\n{escape_table}"
+            )
+    if settings:
+        curves = r.best_curves(settings[0])
+        at_first = f" ({setting_text(settings[0])})" if settings[0] else ""
+        if r.plot_training_curves(curves, settings[0], out / "training_curves.png"):
+            written.append(out / "training_curves.png")
+            sections.append(
+                f"## Validation loss during training{at_first}\n\n"
+                "Each variant at its best cell: the seed mean of the validation loss at a "
+                "quarter, half, three quarters and the end of training (a step before the end "
+                "is inside that run's learning-rate schedule, not a shorter run's end).\n\n"
+                + r.curves_table(curves)
+                + "\n\n![validation loss against step at each variant's best cell](training_curves.png)"
             )
     for key in study.stage_keys:
         figure = out / f"loss_vs_{SLUGS.get(key, key.replace('.', '_'))}.png"
