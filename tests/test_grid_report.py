@@ -162,6 +162,15 @@ def test_training_curves_follow_each_variants_best_cell_and_the_gap_between_them
     assert "training_curves.png" in names
     text = (tmp_path / "out" / "grid.md").read_text()
     assert "## Validation loss during training (blocks 32)" in text
+    # a best cell whose runs share no finite validation step has no mean curve, and no line
+    nan = float("nan")
+    runs[4:] = [
+        curve(summary("spannorm", 1e-2, 300, 1, 4.7), [6.1, nan, 4.7]),
+        curve(summary("spannorm", 1e-2, 300, 2, 4.7), [nan, 5.2, nan]),
+    ]
+    (tmp_path / "nan").mkdir()
+    _, r = write(tmp_path / "nan", runs)
+    assert list(r.best_curves(AT32)) == ["prenorm"]
     # summaries without curves (runs made before they were kept): no section, no figure
     (tmp_path / "old").mkdir()
     _, r = write(tmp_path / "old")

@@ -493,6 +493,8 @@ class Report:
                 continue
             finite = [{s: v for s, v in c if math.isfinite(v)} for c in curves]
             common = sorted(set.intersection(*(set(f) for f in finite)))
+            if not common:  # every run of the cell diverged before its first validation
+                continue
             found[variant] = (
                 best,
                 curves,
