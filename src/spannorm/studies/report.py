@@ -60,6 +60,11 @@ def setting_text(setting: Key) -> str:
     return ", ".join(f"{label(k)} {value_text(v)}" for k, v in setting) or "base"
 
 
+def runs_text(n: int) -> str:
+    """`1 run`, `3 runs`."""
+    return f"{n} run{'s' * (n != 1)}"
+
+
 def sort_value(value):
     return (0, value, "") if isinstance(value, int | float) else (1, 0, str(value))
 
@@ -485,20 +490,24 @@ class Report:
             if best is None:
                 continue
             curves = [
-                [(int(step), float(v)) for step, v in run["val_loss"] if v is not None]
+                [
+                    (int(step), float(v))
+                    for step, v in run["val_loss"]
+                    if v is not None and math.isfinite(v)
+                ]
                 for run in self.results.cells(variant, setting)[best]
                 if len(run.get("val_loss") or []) >= 2
             ]
             if not curves:
                 continue
-            finite = [{s: v for s, v in c if math.isfinite(v)} for c in curves]
-            common = sorted(set.intersection(*(set(f) for f in finite)))
-            if not common:  # every run of the cell diverged before its first validation
+            by_step = [dict(c) for c in curves]
+            common = sorted(set.intersection(*(set(c) for c in by_step)))
+            if not common:  # the runs share no validation step with a finite loss
                 continue
             found[variant] = (
                 best,
                 curves,
-                {s: statistics.mean(f[s] for f in finite) for s in common},
+                {s: statistics.mean(c[s] for c in by_step) for s in common},
             )
         return found
 
@@ -527,7 +536,7 @@ class Report:
         header = [
             "step",
             *(
-                f"{v} ({cell_short(curves[v][0])}, {len(curves[v][1])} run{'s' * (len(curves[v][1]) > 1)})"
+                f"{v} ({cell_short(curves[v][0])}, {runs_text(len(curves[v][1]))})"
                 for v in variants
             ),
         ]
@@ -551,7 +560,7 @@ class Report:
                 axes.plot(*zip(*run, strict=True), color=color, linewidth=0.8, alpha=0.4)
             steps = sorted(mean)
             axes.plot(steps, [mean[s] for s in steps], color=color, linewidth=2,
-                      label=f"{variant}, {cell_text(best)} ({len(runs)} run{'s' * (len(runs) > 1)})")  # fmt: skip
+                      label=f"{variant}, {cell_text(best)} ({runs_text(len(runs))})")  # fmt: skip
         axes.set_ylim(low - 0.05, low + 1.5)
         axes.set(xlabel="step", ylabel="val loss (nats)",
                  title="each variant's best cell" + (f" ({setting_text(setting)})" if setting else ""))  # fmt: skip
@@ -666,9 +675,7 @@ class Report:
             for (_, profile), style in ((history[0], "--"), (history[-1], "-")):
                 axes.plot(range(len(profile)), profile, style, color=color, linewidth=1, alpha=0.8)
         handles = [
-            Line2D(
-                [], [], color=f"C{i % 10}", label=f"{v} ({counts[v]} run{'s' * (counts[v] > 1)})"
-            )
+            Line2D([], [], color=f"C{i % 10}", label=f"{v} ({runs_text(counts[v])})")
             for i, v in enumerate(variants)
         ]
         handles += [
